@@ -1,0 +1,139 @@
+"""Errors the proxy itself answers with, each mapped to one status and one error code.
+
+Every error leaves the proxy as ``{"error": code, "message": sentence}`` with an
+``X-Proxy-Error: code`` header, so terminals and operators can tell the proxy's
+answers from MobilePay's own.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+ERROR_HEADER = "X-Proxy-Error"
+
+
+class ProxyError(Exception):
+    """Base of the proxy's own errors; subclasses fix the status and the code."""
+
+    status = 500
+    code = "internal_error"
+    default_message = "The proxy failed to handle the request."
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
+        self.message = message or self.default_message
+        self.retry_after = retry_after
+        super().__init__(self.message)
+
+    def to_response(self) -> web.Response:
+        body = json.dumps({"error": self.code, "message": self.message}).encode()
+        response = web.Response(status=self.status, body=body, content_type="application/json")
+        response.headers[ERROR_HEADER] = self.code
+        if self.retry_after is not None:
+            response.headers["Retry-After"] = str(self.retry_after)
+        return response
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+    default_message = "The request is malformed."
+
+
+class MissingRoutingHeader(BadRequest):
+    code = "missing_routing_header"
+
+
+class InvalidRoutingHeader(BadRequest):
+    code = "invalid_routing_header"
+
+
+class InvalidPath(BadRequest):
+    code = "invalid_path"
+
+
+class InvalidQuery(BadRequest):
+    code = "invalid_query"
+
+
+class AbsoluteTarget(BadRequest):
+    code = "absolute_target"
+    default_message = (
+        "The request target must be a path (origin-form); the proxy is not a forward proxy."
+    )
+
+
+class UnsupportedUpgrade(BadRequest):
+    code = "upgrade_not_supported"
+    default_message = "Protocol upgrades are not supported."
+
+
+class UnknownMerchant(ProxyError):
+    status = 403
+    code = "unknown_merchant"
+
+
+class SourceNotAllowed(ProxyError):
+    status = 403
+    code = "source_not_allowed"
+
+
+class UnknownRoute(ProxyError):
+    status = 404
+    code = "unknown_route"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allowed: str) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+    def to_response(self) -> web.Response:
+        response = super().to_response()
+        response.headers["Allow"] = self.allowed
+        return response
+
+
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+    default_message = "The request body did not arrive in time."
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    code = "body_too_large"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    code = "upstream_unreachable"
+    default_message = "MobilePay could not be reached."
+
+
+class UpstreamBadResponse(ProxyError):
+    status = 502
+    code = "upstream_bad_response"
+    default_message = "MobilePay's response was broken or incomplete."
+
+
+class TokenUnavailable(ProxyError):
+    status = 503
+    code = "token_unavailable"
+    default_message = "No MobilePay access token could be obtained for this merchant."
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    code = "shutting_down"
+    default_message = "The proxy is shutting down; retry on another instance."
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+    default_message = "MobilePay did not answer in time."

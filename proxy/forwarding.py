@@ -1,0 +1,231 @@
+"""The request pipeline: route, then token, then forward, then relay the response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from yarl import URL
+
+from proxy.config import Config, Merchant
+from proxy.errors import (
+    BodyTooLarge,
+    MethodNotAllowed,
+    ProxyError,
+    RequestTimeout,
+    UnsupportedUpgrade,
+)
+from proxy.headers import request_strip_set, response_headers, upstream_request_headers
+from proxy.metrics import Metrics, method_label
+from proxy.routing import (
+    POS_V10_ROUTES,
+    UNMATCHED_ROUTE,
+    RouteTable,
+    Target,
+    check_prefix,
+    check_source,
+    parse_target,
+    resolve_merchant,
+)
+from proxy.tokens.manager import TokenManager
+from proxy.tokens.token import Token
+from proxy.upstream import RetryableFailure, UpstreamClient, UpstreamResponse
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("proxy.access")
+
+# The PoS V10 API uses only these.
+ALLOWED_METHODS = frozenset({"GET", "POST", "DELETE"})
+ALLOWED_HEADER = ", ".join(sorted(ALLOWED_METHODS))
+IDEMPOTENCY_HEADER = "X-MobilePay-Idempotency-Key"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the access log says about a request."""
+
+    route: str = UNMATCHED_ROUTE
+    merchant: str = "-"
+    token: str = "-"
+    attempts: int = 0
+
+
+class Forwarder:
+    """Handles every terminal request for one loaded configuration."""
+
+    def __init__(
+        self,
+        config: Config,
+        tokens: TokenManager,
+        upstream: UpstreamClient,
+        metrics: Metrics,
+    ) -> None:
+        self._config = config
+        self._tokens = tokens
+        self._upstream = upstream
+        self._metrics = metrics
+        self._routes = RouteTable(POS_V10_ROUTES)
+        self._strip = request_strip_set(config.routing.header)
+        self._base = str(config.mobilepay.api_base_url).rstrip("/")
+        self._ibm_client_id = config.mobilepay.ibm_client_id
+        self._max_body = config.server.max_body_bytes
+        self._body_timeout = config.server.body_timeout_seconds
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        outcome = _Outcome()
+        self._metrics.in_flight.inc()
+        try:
+            response = await self._proxy(request, outcome)
+        except ProxyError as exc:
+            self._metrics.errors.labels(exc.code).inc()
+            response = exc.to_response()
+            if isinstance(exc, BodyTooLarge | RequestTimeout):
+                # The rest of the body is not worth reading: end the connection.
+                response.force_close()
+        finally:
+            self._metrics.in_flight.dec()
+        elapsed = time.perf_counter() - started
+        method = method_label(request.method)
+        self._metrics.observe_request(method, outcome.route, response.status, elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s %s %s -> %d in %.1f ms merchant=%s token=%s attempts=%d",
+                request.remote,
+                method,
+                outcome.route,
+                request.path if outcome.route != UNMATCHED_ROUTE else "-",
+                response.status,
+                elapsed * 1000,
+                outcome.merchant,
+                outcome.token,
+                outcome.attempts,
+            )
+        return response
+
+    async def _proxy(self, request: web.Request, outcome: _Outcome) -> web.Response:
+        if request.method not in ALLOWED_METHODS:
+            raise MethodNotAllowed(
+                f"The method is not allowed; use one of {ALLOWED_HEADER}.", allowed=ALLOWED_HEADER
+            )
+        if "Upgrade" in request.headers:
+            raise UnsupportedUpgrade()
+        target = parse_target(request.raw_path)
+        check_prefix(target.path, self._config.routing.allowed_prefixes)
+        outcome.route = self._routes.match(target.path)
+        merchant = resolve_merchant(
+            request.headers, self._config.routing.header, self._config.routing.merchants
+        )
+        outcome.merchant = merchant.key
+        check_source(merchant, request.remote)
+        body = await self._read_body(request)
+        url = self._upstream_url(target)
+
+        token = await self._tokens.get(merchant.vat)
+        outcome.token = token.fingerprint
+        upstream = await self._attempt(request, outcome, merchant, token, url, body)
+        if upstream.status == 401:
+            upstream = await self._replay_after_401(request, outcome, merchant, token, url, body)
+        return web.Response(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=response_headers(upstream.headers),
+            body=upstream.body,
+        )
+
+    async def _replay_after_401(
+        self,
+        request: web.Request,
+        outcome: _Outcome,
+        merchant: Merchant,
+        rejected: Token,
+        url: URL,
+        body: bytes,
+    ) -> UpstreamResponse:
+        try:
+            token = await self._tokens.replace_rejected(rejected)
+        except ProxyError:
+            self._metrics.upstream_401_retries.labels("error").inc()
+            raise
+        outcome.token = token.fingerprint
+        upstream = await self._attempt(request, outcome, merchant, token, url, body)
+        result = "unauthorized" if upstream.status == 401 else "success"
+        self._metrics.upstream_401_retries.labels(result).inc()
+        if upstream.status == 401:
+            log.warning(
+                "MobilePay rejected a fresh token %s for merchant %s; relaying its 401",
+                token.fingerprint,
+                merchant.vat,
+            )
+        return upstream
+
+    async def _attempt(
+        self,
+        request: web.Request,
+        outcome: _Outcome,
+        merchant: Merchant,
+        token: Token,
+        url: URL,
+        body: bytes,
+    ) -> UpstreamResponse:
+        """Send once; resend once after a connection failure if that cannot double-charge."""
+        headers = upstream_request_headers(
+            request.headers,
+            self._strip,
+            token=token.value,
+            ibm_client_id=self._ibm_client_id,
+            vat=merchant.vat,
+            peer=request.remote,
+        )
+        method = request.method
+        for attempt in (1, 2):
+            outcome.attempts += 1
+            started = time.perf_counter()
+            try:
+                return await self._upstream.send(method, url, headers, body)
+            except RetryableFailure as failure:
+                if attempt == 2 or not _safe_to_resend(request):
+                    raise failure.error from None
+                self._metrics.upstream_retries.labels(method).inc()
+            finally:
+                self._metrics.observe_upstream(
+                    method_label(method), outcome.route, time.perf_counter() - started
+                )
+        raise AssertionError("unreachable")
+
+    def _upstream_url(self, target: Target) -> URL:
+        raw = self._base + target.path
+        if target.query:
+            raw += "?" + target.query
+        return URL(raw, encoded=True)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, within the size limit and the time limit."""
+        if request.content_length is not None and request.content_length > self._max_body:
+            raise BodyTooLarge(f"The request body is larger than {self._max_body} bytes.")
+        if not request.body_exists:
+            return b""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                async for chunk in request.content.iter_any():
+                    size += len(chunk)
+                    if size > self._max_body:
+                        raise BodyTooLarge(
+                            f"The request body is larger than {self._max_body} bytes."
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise RequestTimeout() from None
+        return b"".join(chunks)
+
+
+def _safe_to_resend(request: web.Request) -> bool:
+    """GET, or a POST whose idempotency key makes MobilePay answer a replay with the original."""
+    if request.method == "GET":
+        return True
+    return request.method == "POST" and bool(request.headers.get(IDEMPOTENCY_HEADER, "").strip())

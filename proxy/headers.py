@@ -1,0 +1,99 @@
+"""Header hygiene as pure functions over multidicts: strip first, inject last."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 section 7.6.1, plus the non-standard names that proxies have used for
+# the same purpose (the list Go's httputil.ReverseProxy strips).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Only the proxy may set these towards MobilePay; whatever a terminal sends is dropped.
+PROXY_OWNED = frozenset(
+    {
+        "authorization",
+        "x-ibm-client-id",
+        "x-mobilepay-merchant-vat-number",
+        "host",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-real-ip",
+        # Framing and negotiation belong to each connection; aiohttp frames the
+        # buffered body itself and the proxy has already answered any Expect.
+        "content-length",
+        "expect",
+    }
+)
+
+# Framing of the relayed response is recomputed for the terminal's connection.
+RESPONSE_RECOMPUTED = frozenset({"content-length"})
+
+
+def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Lower-cased names listed in any Connection header (they are hop-by-hop too)."""
+    values = headers.getall("connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(
+        token.strip().lower() for value in values for token in value.split(",") if token.strip()
+    )
+
+
+def request_strip_set(routing_header: str) -> frozenset[str]:
+    """The request header names to drop for a given routing header name."""
+    return HOP_BY_HOP | PROXY_OWNED | {routing_header.lower()}
+
+
+def copy_without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Every header except the dropped names and those named in Connection."""
+    listed = connection_listed(headers)
+    if listed:
+        drop = drop | listed
+    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    drop: frozenset[str],
+    *,
+    token: str,
+    ibm_client_id: str,
+    vat: str,
+    peer: str | None,
+) -> CIMultiDict[str]:
+    """The headers sent to MobilePay: the terminal's end-to-end headers plus credentials."""
+    headers = copy_without(incoming, drop)
+    if peer:
+        headers["X-Forwarded-For"] = peer
+        headers["Forwarded"] = forwarded_for(peer)
+    headers["X-Forwarded-Proto"] = "http"
+    headers["Authorization"] = f"Bearer {token}"
+    headers["x-ibm-client-id"] = ibm_client_id
+    headers["X-MobilePay-Merchant-VAT-Number"] = vat
+    return headers
+
+
+def forwarded_for(peer: str) -> str:
+    """An RFC 7239 ``Forwarded`` value for the peer; IPv6 addresses are quoted and bracketed."""
+    return f'for="[{peer}]"' if ":" in peer else f"for={peer}"
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """MobilePay's end-to-end response headers, for relaying to the terminal."""
+    return copy_without(upstream, HOP_BY_HOP | RESPONSE_RECOMPUTED)

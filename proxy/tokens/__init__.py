@@ -1,0 +1,1 @@
+"""Per-merchant MobilePay access tokens: fetched once, cached, refreshed ahead of expiry."""

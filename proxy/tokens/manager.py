@@ -1,0 +1,216 @@
+"""Token life cycle per merchant: single-flight fetches, refresh ahead, backoff, forced refresh.
+
+- Concurrent requests for a merchant without a usable token share one fetch.
+- A token past its refresh point keeps serving while one background fetch replaces it.
+- After a failed fetch, the merchant backs off (exponential, jittered, capped); meanwhile a
+  still-valid token keeps serving and a request without one is refused with a retry hint.
+- A token MobilePay rejected is replaced once, however many requests saw it rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.config import TokenConfig
+from proxy.errors import TokenUnavailable
+from proxy.metrics import Metrics
+from proxy.tokens.fetcher import TokenFetcher, TokenFetchError
+from proxy.tokens.store import TokenStore
+from proxy.tokens.token import Token, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _MerchantState:
+    generation: int = 0
+    inflight: asyncio.Task[Token] | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    failing_since: float | None = None
+
+
+class TokenManager:
+    def __init__(
+        self,
+        fetcher: TokenFetcher,
+        store: TokenStore,
+        config: TokenConfig,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetcher = fetcher
+        self._store = store
+        self._config = config
+        self._metrics = metrics
+        self._clock = clock
+        self._states: dict[str, _MerchantState] = {}
+        self._background: set[asyncio.Task[Token]] = set()
+
+    async def get(self, vat: str) -> Token:
+        """A usable token for the merchant, fetching one only when none is held."""
+        token = self._store.get(vat)
+        if token is not None:
+            now = self._clock()
+            if now < token.expires_at:
+                if now >= token.refresh_at:
+                    self._refresh_in_background(vat)
+                return token
+        return await self._shared_fetch(vat, "expiring" if token is not None else "initial")
+
+    async def replace_rejected(self, rejected: Token) -> Token:
+        """A token to replay with after MobilePay answered 401 to ``rejected``.
+
+        Only the first caller for a rejected generation fetches; the others get its result.
+        """
+        vat = rejected.vat
+        current = self._store.get(vat)
+        if (
+            current is not None
+            and current.generation != rejected.generation
+            and self._clock() < current.expires_at
+        ):
+            return current
+        state = self._state(vat)
+        if state.inflight is not None:
+            return await asyncio.shield(state.inflight)
+        # New requests must not pick up a token MobilePay has just refused.
+        self._store.discard(vat, rejected.generation)
+        return await self._shared_fetch(vat, "forced")
+
+    def forget(self, vat: str) -> None:
+        """Drop everything held for a merchant (it left the routing map)."""
+        self._store.discard(vat)
+        state = self._states.pop(vat, None)
+        if state is not None and state.inflight is not None:
+            state.inflight.cancel()
+
+    def failing_since(self) -> float | None:
+        """Monotonic time since which fetches have been failing for some merchant, if any."""
+        times = [s.failing_since for s in self._states.values() if s.failing_since is not None]
+        return min(times) if times else None
+
+    async def close(self) -> None:
+        tasks = [state.inflight for state in self._states.values() if state.inflight]
+        tasks.extend(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _state(self, vat: str) -> _MerchantState:
+        state = self._states.get(vat)
+        if state is None:
+            state = self._states[vat] = _MerchantState()
+        return state
+
+    def _refresh_in_background(self, vat: str) -> None:
+        state = self._state(vat)
+        if state.inflight is not None or self._clock() < state.retry_at:
+            return
+        task = self._start(vat, state, "expiring")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shared_fetch(self, vat: str, reason: str) -> Token:
+        state = self._state(vat)
+        if state.inflight is None:
+            wait = state.retry_at - self._clock()
+            if wait > 0:
+                raise TokenUnavailable(
+                    "MobilePay's token service is failing; the proxy is backing off.",
+                    retry_after=max(1, math.ceil(wait)),
+                )
+            self._start(vat, state, reason)
+        assert state.inflight is not None
+        # Shielded: a terminal that hangs up must not cancel the fetch others wait for.
+        return await asyncio.shield(state.inflight)
+
+    def _start(self, vat: str, state: _MerchantState, reason: str) -> asyncio.Task[Token]:
+        task = asyncio.get_running_loop().create_task(self._fetch(vat, state, reason))
+        state.inflight = task
+        task.add_done_callback(_retrieve_exception)
+        return task
+
+    async def _fetch(self, vat: str, state: _MerchantState, reason: str) -> Token:
+        started = self._clock()
+        try:
+            fetched = await self._fetcher.fetch(vat)
+        except TokenFetchError as exc:
+            self._metrics.token_refreshes.labels(reason, "failure").inc()
+            raise self._failed(vat, state, exc) from None
+        finally:
+            self._metrics.token_fetch_duration.observe(self._clock() - started)
+            state.inflight = None
+        now = self._clock()
+        lifetime = fetched.lifetime
+        margin = min(self._config.expiry_margin_seconds, lifetime * 0.1)
+        ahead = min(self._config.refresh_ahead_seconds, lifetime * 0.25)
+        state.generation += 1
+        token = Token(
+            value=fetched.value,
+            vat=vat,
+            generation=state.generation,
+            obtained_at=now,
+            refresh_at=now + lifetime - margin - ahead,
+            expires_at=now + lifetime - margin,
+            wall_expires_at=time.time() + lifetime - margin,
+            fingerprint=fingerprint(fetched.value),
+        )
+        self._store.put(token)
+        state.failures = 0
+        state.retry_at = 0.0
+        state.failing_since = None
+        self._metrics.token_refreshes.labels(reason, "success").inc()
+        log.info(
+            "token %s for merchant %s (%s), usable for %.0f s",
+            token.fingerprint,
+            vat,
+            reason,
+            lifetime - margin,
+        )
+        return token
+
+    def _failed(self, vat: str, state: _MerchantState, exc: TokenFetchError) -> TokenUnavailable:
+        now = self._clock()
+        state.failures += 1
+        if state.failing_since is None:
+            state.failing_since = now
+        cap = self._config.backoff_max_seconds
+        delay = min(cap, self._config.backoff_initial_seconds * 2 ** (state.failures - 1))
+        # Full jitter on the upper half keeps many proxies from retrying in step.
+        delay *= random.uniform(0.5, 1.0)
+        if exc.retry_after is not None:
+            delay = max(delay, min(exc.retry_after, cap))
+        state.retry_at = now + delay
+        if exc.credentials:
+            log.error(
+                "token fetch for merchant %s failed: %s; check client_id, client_secret "
+                "and ibm_client_id",
+                vat,
+                exc.reason,
+            )
+        else:
+            log.warning(
+                "token fetch for merchant %s failed (%d in a row): %s; next attempt in %.1f s",
+                vat,
+                state.failures,
+                exc.reason,
+                delay,
+            )
+        return TokenUnavailable(
+            "No MobilePay access token could be obtained for this merchant.",
+            retry_after=max(1, math.ceil(delay)),
+        )
+
+
+def _retrieve_exception(task: asyncio.Task[Token]) -> None:
+    # The failure reaches every waiter; with none left, it is already logged.
+    if not task.cancelled():
+        task.exception()
