@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.config import Config
-from proxy.forwarding import Forwarder
+from proxy.errors import InvalidPath, MethodNotAllowed, ProxyError
+from proxy.forwarding import ALLOWED_HEADER, ALLOWED_METHODS, Forwarder
 from proxy.metrics import Metrics
 from proxy.tokens.fetcher import TokenFetcher
 from proxy.tokens.manager import TokenManager
@@ -46,6 +48,7 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None) -> 
         }
     )
     app[STATE] = ProxyState(config=config, metrics=metrics)
+    app.middlewares.append(_json_errors)
     app.cleanup_ctx.append(_upstream_resources)
     app.router.add_route("*", "/{path:.*}", _handle)
     return app
@@ -63,6 +66,22 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await tokens.close()
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Requests the router itself turns away (``CONNECT host:port``, ``OPTIONS *``) get JSON too."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        error: ProxyError = (
+            MethodNotAllowed(
+                f"The method is not allowed; use one of {ALLOWED_HEADER}.", allowed=ALLOWED_HEADER
+            )
+            if request.method not in ALLOWED_METHODS
+            else InvalidPath("The request target must be an absolute path.")
+        )
+        return error.to_response()
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:

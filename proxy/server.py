@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.app import STATE, create_app, create_metrics_app
 from proxy.config import Config
+from proxy.protocol import ProxyRunner
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     state = app[STATE]
     drain = config.server.drain_timeout_seconds
     # The proxy logs its own access lines, with the merchant and token fingerprint.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=drain, handle_signals=False)
+    runner = ProxyRunner(app, access_log=None, shutdown_timeout=drain, handle_signals=False)
     metrics_runner = web.AppRunner(create_metrics_app(state), access_log=None)
     await runner.setup()
     await metrics_runner.setup()

@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.app import STATE, create_app, create_metrics_app
 from proxy.config import Config, parse_config
+from proxy.protocol import ProxyRunner
 from tests.fakes import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -62,7 +63,9 @@ class Exposure:
         secrets = SECRET_VALUES | self.tokens
         found = []
         for text in [*self.logs.lines, *self.texts]:
-            found.extend(f"{secret[:6]}... in {text[:120]!r}" for secret in secrets if secret in text)
+            found.extend(
+                f"{secret[:6]}... in {text[:120]!r}" for secret in secrets if secret in text
+            )
         return found
 
 
@@ -127,11 +130,15 @@ async def pos_server(
 
 def config_data(token_url: str, api_url: str, ca_file: Path, **sections: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1",
-                   "metrics_port": 0},
-        "mobilepay": {"api_base_url": api_url, "token_url": token_url,
-                      "ca_file": str(ca_file), "client_id": CLIENT_ID,
-                      "client_secret": CLIENT_SECRET, "ibm_client_id": IBM_CLIENT_ID},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1", "metrics_port": 0},
+        "mobilepay": {
+            "api_base_url": api_url,
+            "token_url": token_url,
+            "ca_file": str(ca_file),
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "ibm_client_id": IBM_CLIENT_ID,
+        },
         "routing": {"merchants": dict(MERCHANTS)},
         "upstream": {"timeout_seconds": 5},
     }
@@ -188,19 +195,24 @@ async def start_proxy(
 
     async def start(**sections: Any) -> RunningProxy:
         data = config_data(
-            token_server.url, pos_server.url, ca_file, **sections  # type: ignore[attr-defined]
+            token_server.url,
+            pos_server.url,
+            ca_file,
+            **sections,  # type: ignore[attr-defined]
         )
         config = parse_config(data, base_dir=Path("."), environ={})
         registry = CollectorRegistry()
         app = create_app(config, registry=registry)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
+        runner = ProxyRunner(app, access_log=None, shutdown_timeout=1)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, "127.0.0.1", 0).start()
         runners.extend([runner, metrics_runner])
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+        )
         sessions.append(session)
         proxy = RunningProxy(
             url=f"http://127.0.0.1:{runner.addresses[0][1]}",

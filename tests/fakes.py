@@ -33,8 +33,14 @@ def make_jwt(vat: str, lifetime: float, serial: int) -> str:
 
     now = int(time.time())
     header = {"alg": "RS256", "typ": "at+jwt", "kid": "test"}
-    payload = {"iat": now, "nbf": now, "exp": now + int(lifetime), "merchant_vat": vat,
-               "client_id": CLIENT_ID, "jti": f"jti-{serial}"}
+    payload = {
+        "iat": now,
+        "nbf": now,
+        "exp": now + int(lifetime),
+        "merchant_vat": vat,
+        "client_id": CLIENT_ID,
+        "jti": f"jti-{serial}",
+    }
     return f"{part(header)}.{part(payload)}.c2lnbmF0dXJl{serial}"
 
 
@@ -80,8 +86,12 @@ class TokenServer:
         self.issued_for.setdefault(vat, []).append(token)
         expires_in = self.lifetime + 100 if self.expires_in is None else self.expires_in
         return web.json_response(
-            {"access_token": token, "expires_in": expires_in, "token_type": "Bearer",
-             "scope": "integrator_scope"}
+            {
+                "access_token": token,
+                "expires_in": expires_in,
+                "token_type": "Bearer",
+                "scope": "integrator_scope",
+            }
         )
 
 
@@ -106,8 +116,13 @@ class PosServer:
         if self.handler is not None:
             return await self.handler(request, body)
         return web.json_response(
-            {"path": request.raw_path, "method": request.method, "vat": vat,
-             "body": body.decode(errors="replace"), "pollDelayInMs": 1000},
+            {
+                "path": request.raw_path,
+                "method": request.method,
+                "vat": vat,
+                "body": body.decode(errors="replace"),
+                "pollDelayInMs": 1000,
+            },
             headers={"X-Upstream": "pos"},
         )
 
