@@ -45,6 +45,8 @@ def create_app(config: Config, *, registry: CollectorRegistry | None = None) -> 
             "max_field_size": server.max_field_size,
             "max_headers": server.max_headers,
             "keepalive_timeout": server.keepalive_timeout_seconds,
+            # How long an unread body is drained after an error answer before closing.
+            "lingering_time": 1.0,
         }
     )
     app[STATE] = ProxyState(config=config, metrics=metrics)

@@ -20,6 +20,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from proxy.errors import ERROR_HEADER
+from proxy.forwarding import ALLOWED_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class _JsonErrorHandler(RequestHandler):
         body = json.dumps({"error": code, "message": text}).encode()
         response = web.Response(status=status, body=body, content_type="application/json")
         response.headers[ERROR_HEADER] = code
+        if status == 405:
+            response.headers["Allow"] = ALLOWED_HEADER
         response.force_close()
         return response
 

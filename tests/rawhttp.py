@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -13,19 +14,22 @@ class RawResponse:
     status: int
     headers: dict[str, str]
     body: bytes
+    closed: bool
 
     def json(self) -> Any:
         return json.loads(self.body)
 
 
-async def send_raw(url: str, data: bytes, *, timeout: float = 5.0) -> RawResponse:
+async def send_raw(
+    url: str, data: bytes, *, wait: float = 5.0, expect_close: bool = False
+) -> RawResponse:
     """Write ``data`` on a fresh connection and parse the first response (closes after)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
         writer.write(data)
         await writer.drain()
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait):
             head = await reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
             status = int(lines[0].split(" ", 2)[1])
@@ -36,9 +40,18 @@ async def send_raw(url: str, data: bytes, *, timeout: float = 5.0) -> RawRespons
                     headers[name.strip().lower()] = value.strip()
             length = int(headers.get("content-length", "0"))
             body = await reader.readexactly(length) if length else b""
+        closed = False
+        if expect_close:
+            try:
+                async with asyncio.timeout(wait):
+                    closed = await reader.read(1) == b""
+            except (TimeoutError, ConnectionError):
+                pass
     finally:
         writer.close()
-    return RawResponse(status, headers, body)
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return RawResponse(status, headers, body, closed)
 
 
 def request_bytes(

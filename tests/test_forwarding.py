@@ -1,4 +1,4 @@
-"""The proxy end to end over real sockets: what the fake MobilePay received, what the terminal got."""
+"""The proxy end to end over real sockets: what MobilePay received, what the terminal got."""
 
 from __future__ import annotations
 
