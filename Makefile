@@ -1,0 +1,45 @@
+# Two commands on a fresh machine:
+#   make run    set up a virtualenv, start the local MobilePay simulator and the proxy
+#   make test   set up a virtualenv and run lint, type checks and the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run demo test test-fast lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: $(BIN)/.installed
+	@set -e; \
+	$(BIN)/mobilepay-proxy sandbox --tls-dir .sandbox & sandbox=$$!; \
+	trap 'kill $$sandbox 2>/dev/null; wait $$sandbox 2>/dev/null' EXIT INT TERM; \
+	for i in $$(seq 100); do [ -s .sandbox/ca.pem ] && break; sleep 0.1; done; \
+	$(BIN)/mobilepay-proxy --config config/demo.toml
+
+demo: $(BIN)/.installed
+	$(BIN)/mobilepay-proxy demo --proxy http://127.0.0.1:8080 --merchant demo-store-1 \
+		--sandbox https://127.0.0.1:8443 --ca-file .sandbox/ca.pem \
+		--metrics http://127.0.0.1:9180/metrics
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# The whole suite, slow end-to-end, soak and shutdown tests included. pytest exits
+# non-zero when a test fails and with 5 when it collected nothing; both fail make.
+test: lint
+	$(BIN)/pytest -m "" -p no:cacheprovider
+
+test-fast: $(BIN)/.installed
+	$(BIN)/pytest -p no:cacheprovider
+
+bench: $(BIN)/.installed
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .sandbox .pytest_cache .mypy_cache .ruff_cache
