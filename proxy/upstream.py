@@ -32,7 +32,7 @@ def create_session(mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> aioh
         keepalive_timeout=upstream.keepalive_timeout_seconds,
         ttl_dns_cache=60,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(
             total=upstream.timeout_seconds, connect=upstream.connect_timeout_seconds
@@ -44,6 +44,11 @@ def create_session(mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> aioh
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
         trust_env=False,
     )
+    # aiohttp silently resends GET, PUT and DELETE once after a dropped connection. Which
+    # requests may be resent is a money question here, decided in one place
+    # (forwarding._safe_to_resend), so aiohttp's own resend is switched off.
+    session._retry_connection = False
+    return session
 
 
 @dataclass(frozen=True, slots=True)
