@@ -1,4 +1,4 @@
-"""MobilePay misbehaving: refused, reset, slow, broken framing; and retries that cannot double-charge."""
+"""MobilePay misbehaving (refused, reset, slow, bad framing); resends that cannot double-charge."""
 
 from __future__ import annotations
 
