@@ -75,6 +75,7 @@ class ServerConfig:
     drain_timeout_seconds: float = 30.0
     max_body_bytes: int = 1024 * 1024
     body_timeout_seconds: float = 10.0
+    header_timeout_seconds: float = 10.0
     keepalive_timeout_seconds: float = 75.0
     max_line_size: int = 8190
     max_field_size: int = 8190
@@ -254,6 +255,9 @@ def _parse_server(table: _Table) -> ServerConfig:
         max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, minimum=0),
         body_timeout_seconds=table.number(
             "body_timeout_seconds", defaults.body_timeout_seconds, minimum=0.01
+        ),
+        header_timeout_seconds=table.number(
+            "header_timeout_seconds", defaults.header_timeout_seconds, minimum=0.01
         ),
         keepalive_timeout_seconds=table.number(
             "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds

@@ -10,6 +10,7 @@ only the error's class.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -26,6 +27,26 @@ log = logging.getLogger(__name__)
 
 
 class _JsonErrorHandler(RequestHandler):
+    header_timeout = 10.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # aiohttp has no deadline for the first request's headers; without one a client
+        # trickling a header byte at a time holds the connection until keep-alive expires.
+        self._header_deadline = self._loop.call_later(self.header_timeout, self._headers_due)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _headers_due(self) -> None:
+        if self._request_count == 0:
+            log.info(
+                "closed a connection that sent no complete request within %.0f s",
+                self.header_timeout,
+            )
+            self.force_close()
+
     def handle_error(
         self,
         request: BaseRequest,
@@ -65,20 +86,32 @@ class _JsonErrorHandler(RequestHandler):
 
 
 class _JsonErrorServer(web.Server):
+    header_timeout = 10.0
+
     def __call__(self) -> RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler = _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+        handler.header_timeout = self.header_timeout
+        return handler
 
 
 class ProxyRunner(web.AppRunner):
-    """An AppRunner whose connections answer parse errors with the proxy's JSON errors."""
+    """An AppRunner whose connections answer parse errors with the proxy's JSON errors
+    and are closed when the first request's headers do not arrive within ``header_timeout``.
+    """
+
+    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._header_timeout = header_timeout
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         kwargs: dict[str, Any] = dict(server._kwargs)
-        return _JsonErrorServer(
+        json_server = _JsonErrorServer(
             server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,
             **kwargs,
         )
+        json_server.header_timeout = self._header_timeout
+        return json_server

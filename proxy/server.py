@@ -26,7 +26,13 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
     state = app[STATE]
     drain = config.server.drain_timeout_seconds
     # The proxy logs its own access lines, with the merchant and token fingerprint.
-    runner = ProxyRunner(app, access_log=None, shutdown_timeout=drain, handle_signals=False)
+    runner = ProxyRunner(
+        app,
+        header_timeout=config.server.header_timeout_seconds,
+        access_log=None,
+        shutdown_timeout=drain,
+        handle_signals=False,
+    )
     metrics_runner = web.AppRunner(create_metrics_app(state), access_log=None)
     await runner.setup()
     await metrics_runner.setup()

@@ -203,7 +203,12 @@ async def start_proxy(
         config = parse_config(data, base_dir=Path("."), environ={})
         registry = CollectorRegistry()
         app = create_app(config, registry=registry)
-        runner = ProxyRunner(app, access_log=None, shutdown_timeout=1)
+        runner = ProxyRunner(
+            app,
+            header_timeout=config.server.header_timeout_seconds,
+            access_log=None,
+            shutdown_timeout=1,
+        )
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)

@@ -275,3 +275,38 @@ async def test_source_networks_restrict_a_merchant(
     assert (status, headers["X-Proxy-Error"]) == (403, "source_not_allowed")
     assert len(pos_server.requests) == 1
     assert token_server.count() == 1
+
+
+async def test_slowloris_headers_are_cut_off_and_others_are_unaffected(
+    start_proxy: Callable[..., Any], pos_server: PosServer
+) -> None:
+    proxy: RunningProxy = await start_proxy(server={"header_timeout_seconds": 0.5})
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(b"GET /pos/v10/payments/1 HTTP/1.1\r\nHost: a\r\n")
+    closed_at = None
+    for i in range(30):
+        try:
+            writer.write(b"X-Slow-%d: 1\r\n" % i)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        status, _, _ = await proxy.request("GET", GET_PAYMENT, merchant="store-002")
+        assert status == 200
+        try:
+            if await asyncio.wait_for(reader.read(1), 0.1) == b"":
+                closed_at = loop.time()
+                break
+        except TimeoutError:
+            pass
+        except ConnectionError:
+            closed_at = loop.time()
+            break
+    writer.close()
+    assert closed_at is not None, "a trickling client kept its connection"
+    assert 0.4 < closed_at - started < 2.0
+    assert all(
+        r.headers["X-MobilePay-Merchant-VAT-Number"] == "DK10000002" for r in pos_server.requests
+    )
