@@ -162,6 +162,21 @@ def test_missing_file_and_secrets_from_environment(tmp_path: Path, ca_file: Path
     assert "c-ibm-value" not in result.stdout
 
 
+async def spawn_proxy(config: Path, stderr: int | None = None) -> asyncio.subprocess.Process:
+    """``python -m proxy --config ...`` as an operator would start it."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "--config",
+        str(config),
+        "--log-level",
+        "WARNING",
+        cwd=ROOT,
+        stderr=stderr,
+    )
+
+
 async def _wait_until_up(url: str) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(100):
@@ -192,17 +207,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
         port=port,
         metrics_port=metrics_port,
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--config",
-        str(config),
-        "--log-level",
-        "WARNING",
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process = await spawn_proxy(config, stderr=asyncio.subprocess.PIPE)
     try:
         await _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz")
         base = f"http://127.0.0.1:{port}"

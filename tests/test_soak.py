@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from proxy.sandbox.server import serve
 from proxy.sandbox.settings import FaultSettings, SandboxSettings, TlsSettings
-from tests.test_cli import ROOT, _free_port, _wait_until_up
+from tests.test_cli import _free_port, _wait_until_up, spawn_proxy
 
 DURATION = float(os.environ.get("SOAK_SECONDS", "60"))
 TERMINALS = 200
@@ -75,16 +74,7 @@ async def test_soak(tmp_path: Path) -> None:
         config = _config(
             tmp_path / "proxy.toml", str(sandbox.url), sandbox.tls.ca_cert, port, metrics_port
         )
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "--config",
-            str(config),
-            "--log-level",
-            "WARNING",
-            cwd=ROOT,
-        )
+        process = await spawn_proxy(config)
         try:
             await _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz")
             statuses, proxy_errors, rss = await _load(port, process.pid)
