@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1
+#
+# mobilepay-proxy, with the local MobilePay simulator (`mobilepay-proxy sandbox`) included.
+#
+#   docker build -t mobilepay-proxy .
+#   docker run -v /etc/mobilepay-proxy:/etc/mobilepay-proxy:ro -p 8080:8080 mobilepay-proxy
+#
+# The configuration is not baked in: mount it at /etc/mobilepay-proxy/proxy.toml.
+
+# Wheels are built where compilers live, in case a dependency has no wheel for this
+# platform; the runtime image below only installs them. Both stages share one Debian
+# release so a wheel built here links against the same libraries it runs with.
+FROM python:3.11-bookworm AS build
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --wheel-dir /wheels '.[sandbox]'
+
+
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+
+# The wheels are mounted, not copied, so they never end up in an image layer.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels 'mobilepay-proxy[sandbox]'
+
+# A fixed numeric uid, so file permissions on mounted secrets and volumes are predictable
+# and orchestrators can verify the image does not run as root. /sandbox-tls is where the
+# simulator writes its CA in docker-compose.yml; a fresh named volume mounted there takes
+# this directory's owner, so the simulator can write to it without root.
+RUN groupadd --system --gid 10001 mobilepay \
+    && useradd --system --uid 10001 --gid mobilepay --no-create-home \
+        --home-dir /nonexistent --shell /usr/sbin/nologin mobilepay \
+    && mkdir -p /etc/mobilepay-proxy /sandbox-tls \
+    && chown 10001:10001 /sandbox-tls
+
+USER 10001:10001
+
+# 8080: terminals. 9180: /metrics, /healthz and /readyz for operators.
+EXPOSE 8080 9180
+
+# The slim image has no curl. The empty ProxyHandler keeps an HTTP_PROXY set in the
+# container's environment from routing the check somewhere else.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:9180/healthz', timeout=2)"]
+
+# The proxy stops accepting connections on SIGTERM and drains in-flight requests for up to
+# drain_timeout_seconds; give it longer than that before the runtime sends SIGKILL.
+STOPSIGNAL SIGTERM
+
+ENTRYPOINT ["mobilepay-proxy"]
+CMD ["--config", "/etc/mobilepay-proxy/proxy.toml"]
