@@ -160,6 +160,9 @@ class _Table:
     def _where(self, key: str) -> str:
         return f"[{self.name}] {key}"
 
+    def names(self) -> list[str]:
+        return list(self._data)
+
     def raw(self, key: str) -> Any:
         self._seen.add(key)
         return self._data.get(key)
@@ -382,9 +385,8 @@ def _parse_routing(table: _Table, base_dir: Path) -> RoutingConfig:
     prefixes = _parse_prefixes(table.raw("allowed_prefixes"))
     merchants: dict[str, Merchant] = {}
     inline = table.table("merchants")
-    for key in list(inline._data):
-        merchant = _parse_merchant_entry(key, inline.raw(key))
-        merchants[key] = merchant
+    for key in inline.names():
+        merchants[key] = _parse_merchant_entry(key, inline.raw(key))
     file_name = table.string("merchants_file")
     if file_name is not None:
         for merchant in _read_merchants_csv(_resolve(base_dir, file_name)):
