@@ -599,34 +599,29 @@ class PosState:
         return pos
 
     def initiate_payment(self, merchant_vat: str, body: Mapping[str, Any]) -> Json:
-        pos_id = parse_uuid(body.get("posId"), "posId")
-        order_id = _text(body, "orderId", "1113")
-        details = _PaymentDetails.parse(body)
-        pos = self._start_payment(merchant_vat, pos_id)
-        payment = Payment(
-            payment_id=str(uuid.uuid4()),
-            merchant_vat=merchant_vat,
-            pos_id=pos.pos_id,
-            order_id=order_id,
-            status=PaymentStatus.INITIATED,
-            expires_at=self.clock() + self.payment_expiry_seconds,
-        )
-        details.apply(payment, pos)
-        self.payments[payment.payment_id] = payment
-        return {"paymentId": payment.payment_id}
+        return self._new_payment(merchant_vat, body, PaymentStatus.INITIATED)
 
     def prepare_payment(self, merchant_vat: str, body: Mapping[str, Any]) -> Json:
+        return self._new_payment(merchant_vat, body, PaymentStatus.PREPARED)
+
+    def _new_payment(
+        self, merchant_vat: str, body: Mapping[str, Any], status: PaymentStatus
+    ) -> Json:
+        """A payment on a free point of sale; amounts are given now (initiate) or later."""
         pos_id = parse_uuid(body.get("posId"), "posId")
         order_id = _text(body, "orderId", "1113")
+        details = _PaymentDetails.parse(body) if status is PaymentStatus.INITIATED else None
         pos = self._start_payment(merchant_vat, pos_id)
         payment = Payment(
             payment_id=str(uuid.uuid4()),
             merchant_vat=merchant_vat,
             pos_id=pos.pos_id,
             order_id=order_id,
-            status=PaymentStatus.PREPARED,
+            status=status,
             expires_at=self.clock() + self.payment_expiry_seconds,
         )
+        if details is not None:
+            details.apply(payment, pos)
         self.payments[payment.payment_id] = payment
         return {"paymentId": payment.payment_id}
 
