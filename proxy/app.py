@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -22,16 +23,17 @@ from proxy.upstream import UpstreamClient, create_session
 
 @dataclass(slots=True)
 class ProxyState:
-    """What the metrics app needs to know about the proxy app."""
+    """The proxy's live parts, shared with the metrics app and replaced on reload."""
 
     config: Config
     metrics: Metrics
+    session: aiohttp.ClientSession | None = None
     tokens: TokenManager | None = None
+    forwarder: Forwarder | None = None
     draining: bool = False
 
 
 STATE = web.AppKey("state", ProxyState)
-FORWARDER = web.AppKey("forwarder", Forwarder)
 
 
 def create_app(config: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -62,12 +64,69 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
     async with create_session(config.mobilepay, config.upstream) as session:
         fetcher = TokenFetcher(session, config.mobilepay, config.tokens.timeout_seconds)
         tokens = TokenManager(fetcher, MemoryTokenStore(), config.tokens, state.metrics)
-        state.tokens = tokens
-        app[FORWARDER] = Forwarder(config, tokens, UpstreamClient(session), state.metrics)
+        state.session, state.tokens = session, tokens
+        state.forwarder = Forwarder(config, tokens, UpstreamClient(session), state.metrics)
+        state.metrics.token_lifetimes = lambda: (
+            (status.vat, status.expires_in_seconds or 0.0) for status in tokens.held()
+        )
         try:
             yield
         finally:
             await tokens.close()
+
+
+# Settings bound to the listening sockets or the upstream session; a reload cannot change them.
+_RESTART_ONLY = ("server", "upstream", "mobilepay.ca_file")
+
+
+def apply_config(state: ProxyState, new: Config) -> list[str]:
+    """Switch to a reloaded configuration; return the changed settings that need a restart.
+
+    Requests already in flight keep the forwarder (and so the merchant map) they started
+    with; new requests get the new one. Merchants that left the map lose their tokens;
+    new credentials drop every token.
+    """
+    old, tokens, session = state.config, state.tokens, state.session
+    if tokens is None or session is None:
+        raise RuntimeError("configuration can only be reloaded while the app runs")
+    ignored = [name for name in _RESTART_ONLY if _setting(old, name) != _setting(new, name)]
+    new = replace(
+        new,
+        server=old.server,
+        upstream=old.upstream,
+        mobilepay=replace(new.mobilepay, ca_file=old.mobilepay.ca_file),
+    )
+    if (new.mobilepay, new.tokens) != (old.mobilepay, old.tokens):
+        fetcher = TokenFetcher(session, new.mobilepay, new.tokens.timeout_seconds)
+        tokens.reconfigure(fetcher, new.tokens)
+    if _credentials(new) != _credentials(old):
+        tokens.forget_all()
+    else:
+        kept = {merchant.vat for merchant in new.routing.merchants.values()}
+        for merchant in old.routing.merchants.values():
+            if merchant.vat not in kept:
+                tokens.forget(merchant.vat)
+    state.forwarder = Forwarder(new, tokens, UpstreamClient(session), state.metrics)
+    state.config = new
+    state.metrics.merchants.set(len(new.routing.merchants))
+    return ignored
+
+
+def _setting(config: Config, name: str) -> object:
+    value: object = config
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _credentials(config: Config) -> tuple[str, ...]:
+    mobilepay = config.mobilepay
+    return (
+        mobilepay.client_id,
+        mobilepay.client_secret,
+        mobilepay.ibm_client_id,
+        str(mobilepay.token_url),
+    )
 
 
 @web.middleware
@@ -87,7 +146,9 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER].handle(request)
+    forwarder = request.app[STATE].forwarder
+    assert forwarder is not None, "requests arrive only after start-up"
+    return await forwarder.handle(request)
 
 
 def create_metrics_app(state: ProxyState) -> web.Application:
@@ -110,16 +171,36 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
+    """Ready unless draining, not started, or the token service has failed for too long."""
     state = request.app[STATE]
-    checks = {
-        "config_loaded": True,
-        "merchants": len(state.config.routing.merchants),
+    tokens = state.tokens
+    vats = sorted({merchant.vat for merchant in state.config.routing.merchants.values()})
+    failing_for = tokens.failing_for() if tokens is not None else None
+    token_service_down = (
+        failing_for is not None and failing_for > state.config.tokens.unready_after_seconds
+    )
+    ready = tokens is not None and not state.draining and not token_service_down
+    body = {
+        "status": "ready" if ready else "not_ready",
         "draining": state.draining,
-        "upstream_ready": state.tokens is not None,
+        "started": tokens is not None,
+        "merchants": len(state.config.routing.merchants),
+        "token_service": {
+            "failing_for_seconds": None if failing_for is None else round(failing_for, 1),
+            "unready_after_seconds": state.config.tokens.unready_after_seconds,
+        },
+        "tokens": [
+            {
+                "merchant_vat": status.vat,
+                "valid": status.valid,
+                "expires_in_seconds": (
+                    None if status.expires_in_seconds is None else round(status.expires_in_seconds)
+                ),
+                "fingerprint": status.fingerprint,
+            }
+            for status in (tokens.status(vats) if tokens is not None else ())
+        ],
     }
-    ready = state.tokens is not None and not state.draining
     return web.Response(
-        status=200 if ready else 503,
-        body=json.dumps({"status": "ready" if ready else "not_ready", **checks}),
-        content_type="application/json",
+        status=200 if ready else 503, body=json.dumps(body), content_type="application/json"
     )

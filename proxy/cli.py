@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from proxy.server import serve
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, environ=os.environ))
     except OSError as exc:
         logging.getLogger("proxy").error("cannot start: %s", exc.strerror or exc)
         return 1

@@ -108,6 +108,7 @@ class TokenConfig:
     timeout_seconds: float = 10.0
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
+    unready_after_seconds: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +370,7 @@ def _parse_tokens(table: _Table) -> TokenConfig:
         backoff_max_seconds=table.number(
             "backoff_max_seconds", defaults.backoff_max_seconds, minimum=0.01
         ),
+        unready_after_seconds=table.number("unready_after_seconds", defaults.unready_after_seconds),
     )
     table.finish()
     if config.backoff_max_seconds < config.backoff_initial_seconds:

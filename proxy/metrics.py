@@ -6,7 +6,11 @@ templates, a fixed method list, status codes), never from raw request data.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 # Buckets for a proxy that adds well under a millisecond in front of an API that
 # answers in tens to hundreds of milliseconds.
@@ -99,6 +103,9 @@ class Metrics:
                 self.token_refreshes.labels(reason, result)
         for result in ("success", "unauthorized", "error"):
             self.upstream_401_retries.labels(result)
+        # Set once tokens exist; read at scrape time, so the hot path pays nothing for it.
+        self.token_lifetimes: Callable[[], Iterable[tuple[str, float]]] = lambda: ()
+        registry.register(_TokenExpiryCollector(self))
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
 
@@ -122,6 +129,21 @@ class Metrics:
                 self.upstream_duration.labels(method, route),
             )
         return children
+
+
+class _TokenExpiryCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "mobilepay_proxy_token_expiry_seconds",
+            "Remaining usable life of the token held for each merchant VAT.",
+            labels=["merchant_vat"],
+        )
+        for vat, seconds in self._metrics.token_lifetimes():
+            family.add_metric([vat], seconds)
+        yield family
 
 
 def method_label(method: str) -> str:

@@ -3,24 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Mapping
 
 from aiohttp import web
 
-from proxy.app import STATE, create_app, create_metrics_app
-from proxy.config import Config
+from proxy.app import STATE, ProxyState, apply_config, create_app, create_metrics_app
+from proxy.config import Config, ConfigError, load_config
 from proxy.protocol import ProxyRunner
 
 log = logging.getLogger(__name__)
 
 
-async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain in-flight requests."""
+async def serve(
+    config: Config, *, environ: Mapping[str, str], stop: asyncio.Event | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain in-flight requests.
+
+    SIGHUP re-reads the configuration file.
+    """
     stop = stop or asyncio.Event()
+    reloads: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, _request_reload, reloads)
 
     app = create_app(config)
     state = app[STATE]
@@ -50,16 +59,46 @@ async def serve(config: Config, *, stop: asyncio.Event | None = None) -> None:
             len(config.routing.merchants),
             config.mobilepay.api_base_url,
         )
+        reloader = asyncio.create_task(_reload_on_request(state, reloads, environ))
         await stop.wait()
+        reloader.cancel()
         log.info("stopping: no new connections, draining for up to %.0f s", drain)
         state.draining = True
     finally:
         # Stops listening at once, lets in-flight requests finish within the drain timeout.
         await runner.cleanup()
         await metrics_runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     log.info("stopped")
+
+
+def _request_reload(reloads: asyncio.Queue[None]) -> None:
+    # Signals arriving during a reload fold into one more reload after it.
+    with contextlib.suppress(asyncio.QueueFull):
+        reloads.put_nowait(None)
+
+
+async def _reload_on_request(
+    state: ProxyState, reloads: asyncio.Queue[None], environ: Mapping[str, str]
+) -> None:
+    while True:
+        await reloads.get()
+        path = state.config.source
+        if path is None:
+            log.warning("reload requested, but the configuration did not come from a file")
+            continue
+        try:
+            new = await asyncio.to_thread(load_config, path, environ)
+        except ConfigError as exc:
+            log.error("reload rejected, the running configuration stays in force: %s", exc)
+            continue
+        ignored = apply_config(state, new)
+        log.info("reloaded %s: %d merchants", path, len(new.routing.merchants))
+        if ignored:
+            log.warning(
+                "changed settings that take effect only after a restart: %s", ", ".join(ignored)
+            )
 
 
 def _addresses(runner: web.AppRunner) -> str:

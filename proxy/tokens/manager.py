@@ -14,7 +14,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from proxy.config import TokenConfig
@@ -33,7 +33,16 @@ class _MerchantState:
     inflight: asyncio.Task[Token] | None = None
     failures: int = 0
     retry_at: float = 0.0
-    failing_since: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenStatus:
+    """What may be said about a merchant's token: never its value."""
+
+    vat: str
+    valid: bool
+    expires_in_seconds: float | None
+    fingerprint: str | None
 
 
 class TokenManager:
@@ -53,6 +62,13 @@ class TokenManager:
         self._clock = clock
         self._states: dict[str, _MerchantState] = {}
         self._background: set[asyncio.Task[Token]] = set()
+        # Since when every token fetch has failed (None while the last one succeeded).
+        self._failing_since: float | None = None
+
+    def reconfigure(self, fetcher: TokenFetcher, config: TokenConfig) -> None:
+        """Use new credentials or timings for fetches from now on."""
+        self._fetcher = fetcher
+        self._config = config
 
     async def get(self, vat: str) -> Token:
         """A usable token for the merchant, fetching one only when none is held."""
@@ -92,10 +108,31 @@ class TokenManager:
         if state is not None and state.inflight is not None:
             state.inflight.cancel()
 
-    def failing_since(self) -> float | None:
-        """Monotonic time since which fetches have been failing for some merchant, if any."""
-        times = [s.failing_since for s in self._states.values() if s.failing_since is not None]
-        return min(times) if times else None
+    def forget_all(self) -> None:
+        for vat in {token.vat for token in self._store} | set(self._states):
+            self.forget(vat)
+
+    def failing_for(self) -> float | None:
+        """Seconds since which every token fetch has failed; None while the last succeeded."""
+        if self._failing_since is None:
+            return None
+        return self._clock() - self._failing_since
+
+    def status(self, vats: Iterable[str]) -> list[TokenStatus]:
+        """Token validity and remaining life per merchant VAT, for readiness and metrics."""
+        now = self._clock()
+        result = []
+        for vat in vats:
+            token = self._store.get(vat)
+            if token is None or now >= token.expires_at:
+                result.append(TokenStatus(vat, False, None, None))
+            else:
+                result.append(TokenStatus(vat, True, token.expires_at - now, token.fingerprint))
+        return result
+
+    def held(self) -> list[TokenStatus]:
+        """The status of every token currently held."""
+        return self.status(token.vat for token in self._store)
 
     async def close(self) -> None:
         tasks = [state.inflight for state in self._states.values() if state.inflight]
@@ -166,7 +203,7 @@ class TokenManager:
         self._store.put(token)
         state.failures = 0
         state.retry_at = 0.0
-        state.failing_since = None
+        self._failing_since = None
         self._metrics.token_refreshes.labels(reason, "success").inc()
         log.info(
             "token %s for merchant %s (%s), usable for %.0f s",
@@ -180,8 +217,8 @@ class TokenManager:
     def _failed(self, vat: str, state: _MerchantState, exc: TokenFetchError) -> TokenUnavailable:
         now = self._clock()
         state.failures += 1
-        if state.failing_since is None:
-            state.failing_since = now
+        if self._failing_since is None:
+            self._failing_since = now
         cap = self._config.backoff_max_seconds
         delay = min(cap, self._config.backoff_initial_seconds * 2 ** (state.failures - 1))
         # Full jitter on the upper half keeps many proxies from retrying in step.
