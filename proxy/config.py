@@ -34,6 +34,7 @@ ENVIRONMENTS: Mapping[str, tuple[str, str]] = {
 ENV_CLIENT_ID = "MOBILEPAY_CLIENT_ID"
 ENV_CLIENT_SECRET = "MOBILEPAY_CLIENT_SECRET"
 ENV_IBM_CLIENT_ID = "MOBILEPAY_IBM_CLIENT_ID"
+ENV_REDIS_PASSWORD = "MOBILEPAY_PROXY_REDIS_PASSWORD"
 # Headers only the proxy may set; a routing header with one of these names
 # would let a terminal pick a merchant by forging a credential header.
 _RESERVED_ROUTING_HEADERS = frozenset(
@@ -80,6 +81,7 @@ class ServerConfig:
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 100
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +111,18 @@ class TokenConfig:
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
     unready_after_seconds: float = 120.0
+    store: RedisStoreConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStoreConfig:
+    """A token store shared by every copy of the proxy."""
+
+    url: str = field(repr=False)  # may carry a password
+    password: str | None = field(repr=False, default=None)
+    prefix: str = "mobilepay-proxy"
+    lock_seconds: float = 10.0
+    timeout_seconds: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +250,7 @@ def parse_config(
     server = _parse_server(root.table("server"))
     mobilepay = _parse_mobilepay(root.table("mobilepay"), base_dir, environ)
     upstream = _parse_upstream(root.table("upstream"))
-    tokens = _parse_tokens(root.table("tokens"))
+    tokens = _parse_tokens(root.table("tokens"), base_dir, environ)
     routing = _parse_routing(root.table("routing"), base_dir)
     root.finish()
     if server.port == server.metrics_port and server.port != 0:
@@ -269,6 +283,7 @@ def _parse_server(table: _Table) -> ServerConfig:
         max_line_size=table.integer("max_line_size", defaults.max_line_size, minimum=256),
         max_field_size=table.integer("max_field_size", defaults.max_field_size, minimum=256),
         max_headers=table.integer("max_headers", defaults.max_headers, minimum=8),
+        workers=table.integer("workers", defaults.workers, minimum=1, maximum=64),
     )
     table.finish()
     return config
@@ -355,11 +370,9 @@ def _parse_upstream(table: _Table) -> UpstreamConfig:
     return config
 
 
-def _parse_tokens(table: _Table) -> TokenConfig:
+def _parse_tokens(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> TokenConfig:
     defaults = TokenConfig()
-    store = table.string("store", "memory")
-    if store != "memory":
-        raise ConfigError(f'[tokens] store must be "memory", not {store!r}')
+    store = _parse_store(table, base_dir, environ)
     config = TokenConfig(
         refresh_ahead_seconds=table.number("refresh_ahead_seconds", defaults.refresh_ahead_seconds),
         expiry_margin_seconds=table.number("expiry_margin_seconds", defaults.expiry_margin_seconds),
@@ -371,11 +384,46 @@ def _parse_tokens(table: _Table) -> TokenConfig:
             "backoff_max_seconds", defaults.backoff_max_seconds, minimum=0.01
         ),
         unready_after_seconds=table.number("unready_after_seconds", defaults.unready_after_seconds),
+        store=store,
     )
     table.finish()
     if config.backoff_max_seconds < config.backoff_initial_seconds:
         raise ConfigError("[tokens] backoff_max_seconds must not be below backoff_initial_seconds")
     return config
+
+
+def _parse_store(
+    table: _Table, base_dir: Path, environ: Mapping[str, str]
+) -> RedisStoreConfig | None:
+    store = table.string("store", "memory") or "memory"
+    password_file = table.string("redis_password_file")
+    prefix = table.string("redis_prefix", "mobilepay-proxy") or "mobilepay-proxy"
+    lock_seconds = table.number("redis_lock_seconds", 10.0, minimum=0.1)
+    timeout_seconds = table.number("redis_timeout_seconds", 0.5, minimum=0.01)
+    if store == "memory":
+        return None
+    url = URL(store)
+    if url.scheme not in ("redis", "rediss") or not url.host:
+        raise ConfigError(
+            '[tokens] store must be "memory" or a redis:// or rediss:// URL such as '
+            '"redis://127.0.0.1:6379/0"'
+        )
+    password = environ.get(ENV_REDIS_PASSWORD, "").strip() or None
+    if password is None and password_file is not None:
+        path = _resolve(base_dir, password_file)
+        try:
+            password = path.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(f"[tokens] redis_password_file: cannot read {path}") from None
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", prefix):
+        raise ConfigError("[tokens] redis_prefix must be 1-64 letters, digits, '.', '_', ':', '-'")
+    return RedisStoreConfig(
+        url=store,
+        password=password,
+        prefix=prefix,
+        lock_seconds=lock_seconds,
+        timeout_seconds=timeout_seconds,
+    )
 
 
 def _parse_routing(table: _Table, base_dir: Path) -> RoutingConfig:
