@@ -93,6 +93,17 @@ class Metrics:
             "Terminal requests being handled right now.",
             registry=registry,
         )
+        self.token_store_up = Gauge(
+            "mobilepay_proxy_token_store_up",
+            "1 while the shared token store answers, 0 while it does not (1 for memory).",
+            registry=registry,
+        )
+        self.token_store_errors = Counter(
+            "mobilepay_proxy_token_store_errors",
+            "Failed operations on the shared token store, by operation.",
+            ["operation"],
+            registry=registry,
+        )
         self.merchants = Gauge(
             "mobilepay_proxy_merchants",
             "Merchant keys in the loaded routing map.",
@@ -101,6 +112,7 @@ class Metrics:
         for reason in ("initial", "expiring", "forced"):
             for result in ("success", "failure"):
                 self.token_refreshes.labels(reason, result)
+        self.token_store_up.set(1)
         for result in ("success", "unauthorized", "error"):
             self.upstream_401_retries.labels(result)
         # Set once tokens exist; read at scrape time, so the hot path pays nothing for it.
