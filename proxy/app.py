@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.errors import InvalidPath, MethodNotAllowed, ProxyError
 from proxy.forwarding import ALLOWED_HEADER, ALLOWED_METHODS, Forwarder
 from proxy.metrics import Metrics
@@ -19,6 +20,9 @@ from proxy.tokens.fetcher import TokenFetcher
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.store import MemoryTokenStore
 from proxy.upstream import UpstreamClient, create_session
+
+if TYPE_CHECKING:
+    from proxy.tokens.shared import RedisTokenStore
 
 
 @dataclass(slots=True)
@@ -63,7 +67,12 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
     config = state.config
     async with create_session(config.mobilepay, config.upstream) as session:
         fetcher = TokenFetcher(session, config.mobilepay, config.tokens.timeout_seconds)
-        tokens = TokenManager(fetcher, MemoryTokenStore(), config.tokens, state.metrics)
+        shared = _shared_store(config, state.metrics)
+        tokens = TokenManager(
+            fetcher, MemoryTokenStore(), config.tokens, state.metrics, shared=shared
+        )
+        if shared is not None:
+            await shared.start(tokens.on_shared_event)
         state.session, state.tokens = session, tokens
         state.forwarder = Forwarder(config, tokens, UpstreamClient(session), state.metrics)
         state.metrics.token_lifetimes = lambda: (
@@ -73,10 +82,27 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await tokens.close()
+            if shared is not None:
+                await shared.close()
+
+
+def _shared_store(config: Config, metrics: Metrics) -> RedisTokenStore | None:
+    if config.tokens.store is None:
+        return None
+    try:
+        from proxy.tokens.shared import RedisTokenStore
+    except ImportError:
+        raise ConfigError(
+            "[tokens] store: a Redis store needs the redis extra: "
+            "pip install 'mobilepay-proxy[redis]'"
+        ) from None
+    return RedisTokenStore(
+        config.tokens.store, config.mobilepay.client_id, config.mobilepay.client_secret, metrics
+    )
 
 
 # Settings bound to the listening sockets or the upstream session; a reload cannot change them.
-_RESTART_ONLY = ("server", "upstream", "mobilepay.ca_file")
+_RESTART_ONLY = ("server", "upstream", "mobilepay.ca_file", "tokens.store")
 
 
 def apply_config(state: ProxyState, new: Config) -> list[str]:
@@ -95,6 +121,7 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
         server=old.server,
         upstream=old.upstream,
         mobilepay=replace(new.mobilepay, ca_file=old.mobilepay.ca_file),
+        tokens=replace(new.tokens, store=old.tokens.store),
     )
     if (new.mobilepay, new.tokens) != (old.mobilepay, old.tokens):
         fetcher = TokenFetcher(session, new.mobilepay, new.tokens.timeout_seconds)

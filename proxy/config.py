@@ -153,6 +153,7 @@ class Config:
             f"token url:        {self.mobilepay.token_url}",
             f"extra CA file:    {self.mobilepay.ca_file or '-'}",
             "credentials:      client id, client secret and x-ibm-client-id set",
+            f"token store:      {_store_summary(self.tokens.store)}",
             f"routing header:   {self.routing.header}",
             f"allowed prefixes: {', '.join(self.routing.allowed_prefixes)}",
             f"merchants:        {len(merchants)} keys, "
@@ -160,6 +161,13 @@ class Config:
             f"{restricted} restricted to source networks",
         ]
         return "\n".join(lines)
+
+
+def _store_summary(store: RedisStoreConfig | None) -> str:
+    if store is None:
+        return "memory"
+    url = URL(store.url)
+    return f"{url.scheme}://{url.host}:{url.port}{url.path} (prefix {store.prefix})"
 
 
 class _Table:

@@ -31,6 +31,7 @@ from tests.fakes import (
     TokenServer,
     start_tls_server,
 )
+from tests.redis_server import RedisServer
 
 MERCHANTS = {f"store-{n:03d}": f"DK{10000000 + n}" for n in range(1, 11)}
 ROUTING_HEADER = "X-Merchant-Id"
@@ -244,3 +245,13 @@ async def start_proxy(
 async def proxy(start_proxy: Callable[..., Any]) -> RunningProxy:
     running: RunningProxy = await start_proxy()
     return running
+
+
+@pytest.fixture
+def redis_server(unused_tcp_port_factory: Callable[[], int]) -> Iterator[RedisServer]:
+    server = RedisServer(unused_tcp_port_factory())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

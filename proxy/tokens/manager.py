@@ -10,21 +10,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.config import TokenConfig
 from proxy.errors import TokenUnavailable
 from proxy.metrics import Metrics
 from proxy.tokens.fetcher import TokenFetcher, TokenFetchError
-from proxy.tokens.store import TokenStore
+from proxy.tokens.store import SharedToken, StoreUnavailable, TokenStore
 from proxy.tokens.token import Token, fingerprint
 
+if TYPE_CHECKING:
+    # Only imported when configured: it needs the optional redis and cryptography packages.
+    from proxy.tokens.shared import RedisTokenStore
+
 log = logging.getLogger(__name__)
+# While another copy of the proxy fetches a merchant's token, how often to look for it.
+SHARED_POLL_SECONDS = 0.05
 
 
 @dataclass(slots=True)
@@ -33,6 +41,7 @@ class _MerchantState:
     inflight: asyncio.Task[Token] | None = None
     failures: int = 0
     retry_at: float = 0.0
+    reported_rejected: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +62,10 @@ class TokenManager:
         config: TokenConfig,
         metrics: Metrics,
         *,
+        shared: RedisTokenStore | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._shared = shared
         self._fetcher = fetcher
         self._store = store
         self._config = config
@@ -85,8 +96,18 @@ class TokenManager:
         """A token to replay with after MobilePay answered 401 to ``rejected``.
 
         Only the first caller for a rejected generation fetches; the others get its result.
+        With a shared store, that holds across every copy of the proxy.
         """
         vat = rejected.vat
+        state = self._state(vat)
+        if (
+            self._shared is not None
+            and rejected.generation > state.reported_rejected
+            and self._shared.available()
+        ):
+            # Once per rejected generation, however many requests saw it refused.
+            state.reported_rejected = rejected.generation
+            await self._shared.report_rejected(vat, rejected.generation)
         current = self._store.get(vat)
         if (
             current is not None
@@ -94,12 +115,21 @@ class TokenManager:
             and self._clock() < current.expires_at
         ):
             return current
-        state = self._state(vat)
         if state.inflight is not None:
             return await asyncio.shield(state.inflight)
         # New requests must not pick up a token MobilePay has just refused.
         self._store.discard(vat, rejected.generation)
-        return await self._shared_fetch(vat, "forced")
+        return await self._shared_fetch(vat, "forced", rejected.generation)
+
+    def on_shared_event(self, kind: str, vat: str, generation: int) -> None:
+        """Another copy stored a newer token, or saw MobilePay refuse one: drop ours."""
+        token = self._store.get(vat)
+        if token is None:
+            return
+        if (kind == "new" and token.generation < generation) or (
+            kind == "rejected" and token.generation <= generation
+        ):
+            self._store.discard(vat, token.generation)
 
     def forget(self, vat: str) -> None:
         """Drop everything held for a merchant (it left the routing map)."""
@@ -155,7 +185,7 @@ class TokenManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _shared_fetch(self, vat: str, reason: str) -> Token:
+    async def _shared_fetch(self, vat: str, reason: str, rejected: int | None = None) -> Token:
         state = self._state(vat)
         if state.inflight is None:
             wait = state.retry_at - self._clock()
@@ -164,18 +194,100 @@ class TokenManager:
                     "MobilePay's token service is failing; the proxy is backing off.",
                     retry_after=max(1, math.ceil(wait)),
                 )
-            self._start(vat, state, reason)
+            self._start(vat, state, reason, rejected)
         assert state.inflight is not None
         # Shielded: a terminal that hangs up must not cancel the fetch others wait for.
         return await asyncio.shield(state.inflight)
 
-    def _start(self, vat: str, state: _MerchantState, reason: str) -> asyncio.Task[Token]:
-        task = asyncio.get_running_loop().create_task(self._fetch(vat, state, reason))
+    def _start(
+        self, vat: str, state: _MerchantState, reason: str, rejected: int | None = None
+    ) -> asyncio.Task[Token]:
+        task = asyncio.get_running_loop().create_task(self._obtain(vat, state, reason, rejected))
         state.inflight = task
         task.add_done_callback(_retrieve_exception)
         return task
 
-    async def _fetch(self, vat: str, state: _MerchantState, reason: str) -> Token:
+    async def _obtain(
+        self, vat: str, state: _MerchantState, reason: str, rejected: int | None
+    ) -> Token:
+        try:
+            token = None
+            if self._shared is not None and self._shared.available():
+                with contextlib.suppress(StoreUnavailable):
+                    token = await self._through_shared_store(
+                        self._shared, vat, state, reason, rejected
+                    )
+            if token is None:
+                token = await self._fetch(vat, state, reason, state.generation + 1)
+        finally:
+            state.inflight = None
+        self._store.put(token)
+        return token
+
+    async def _through_shared_store(
+        self,
+        shared: RedisTokenStore,
+        vat: str,
+        state: _MerchantState,
+        reason: str,
+        rejected: int | None,
+    ) -> Token | None:
+        """Adopt another copy's token, or fetch under the cluster-wide lock and share it.
+
+        None when the lock could not be had in time (its holder died or hangs): the
+        caller then fetches on its own.
+        """
+        deadline = self._clock() + shared.lock_seconds + 1.0
+        while True:
+            found = await shared.load(vat)
+            if found is not None and _acceptable(found, reason, rejected):
+                return self._adopt(vat, state, found)
+            owner = await shared.lock(vat)
+            if owner is not None:
+                try:
+                    found = await shared.load(vat)
+                    if found is not None and _acceptable(found, reason, rejected):
+                        return self._adopt(vat, state, found)
+                    generation = await shared.next_generation(vat)
+                    token = await self._fetch(vat, state, reason, generation)
+                    await shared.save(
+                        vat,
+                        SharedToken(
+                            token.value,
+                            token.generation,
+                            refresh_at=_wall(token.refresh_at, self._clock()),
+                            expires_at=token.wall_expires_at,
+                        ),
+                    )
+                    return token
+                finally:
+                    await shared.unlock(vat, owner)
+            if self._clock() >= deadline:
+                return None
+            await asyncio.sleep(SHARED_POLL_SECONDS)
+
+    def _adopt(self, vat: str, state: _MerchantState, found: SharedToken) -> Token:
+        now, wall_now = self._clock(), time.time()
+        state.generation = max(state.generation, found.generation)
+        self._succeeded(state)
+        return Token(
+            value=found.value,
+            vat=vat,
+            generation=found.generation,
+            obtained_at=now,
+            refresh_at=now + found.refresh_at - wall_now,
+            expires_at=now + found.expires_at - wall_now,
+            wall_expires_at=found.expires_at,
+            fingerprint=fingerprint(found.value),
+        )
+
+    def _succeeded(self, state: _MerchantState) -> None:
+        state.failures = 0
+        state.retry_at = 0.0
+        self._failing_since = None
+
+    async def _fetch(self, vat: str, state: _MerchantState, reason: str, generation: int) -> Token:
+        """One call to MobilePay's token endpoint."""
         started = self._clock()
         try:
             fetched = await self._fetcher.fetch(vat)
@@ -184,26 +296,22 @@ class TokenManager:
             raise self._failed(vat, state, exc) from None
         finally:
             self._metrics.token_fetch_duration.observe(self._clock() - started)
-            state.inflight = None
         now = self._clock()
         lifetime = fetched.lifetime
         margin = min(self._config.expiry_margin_seconds, lifetime * 0.1)
         ahead = min(self._config.refresh_ahead_seconds, lifetime * 0.25)
-        state.generation += 1
+        state.generation = max(state.generation, generation)
         token = Token(
             value=fetched.value,
             vat=vat,
-            generation=state.generation,
+            generation=generation,
             obtained_at=now,
             refresh_at=now + lifetime - margin - ahead,
             expires_at=now + lifetime - margin,
             wall_expires_at=time.time() + lifetime - margin,
             fingerprint=fingerprint(fetched.value),
         )
-        self._store.put(token)
-        state.failures = 0
-        state.retry_at = 0.0
-        self._failing_since = None
+        self._succeeded(state)
         self._metrics.token_refreshes.labels(reason, "success").inc()
         log.info(
             "token %s for merchant %s (%s), usable for %.0f s",
@@ -245,6 +353,18 @@ class TokenManager:
             "No MobilePay access token could be obtained for this merchant.",
             retry_after=max(1, math.ceil(delay)),
         )
+
+
+def _acceptable(found: SharedToken, reason: str, rejected: int | None) -> bool:
+    """Whether a stored token may be used instead of fetching one."""
+    now = time.time()
+    if found.expires_at <= now or (rejected is not None and found.generation <= rejected):
+        return False
+    return reason != "expiring" or found.refresh_at > now
+
+
+def _wall(monotonic_time: float, monotonic_now: float) -> float:
+    return time.time() + monotonic_time - monotonic_now
 
 
 def _retrieve_exception(task: asyncio.Task[Token]) -> None:

@@ -1,8 +1,9 @@
-"""Where tokens are kept. The in-memory store serves one process."""
+"""Where tokens are kept: in memory per process, and the types a shared store exchanges."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from proxy.tokens.token import Token
@@ -38,3 +39,17 @@ class MemoryTokenStore:
 
     def __iter__(self) -> Iterator[Token]:
         return iter(list(self._tokens.values()))
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer, or answered nonsense; the caller carries on without it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SharedToken:
+    """A token as every copy sees it; times are wall-clock, since copies share no clock."""
+
+    value: str = field(repr=False)
+    generation: int
+    refresh_at: float
+    expires_at: float
