@@ -276,7 +276,7 @@ def test_compose_references_only_files_in_the_repository(compose: Compose) -> No
 
 def test_compose_services_and_profiles(compose: Compose) -> None:
     profiles = {name: service.get("profiles", []) for name, service in compose.services.items()}
-    for always_on in ("proxy", "prometheus", "grafana"):
+    for always_on in ("proxy", "proxy-2", "redis", "prometheus", "grafana"):
         assert profiles[always_on] == [], f"{always_on} must start with plain `docker compose up`"
     assert profiles["sandbox"] == ["demo"]
     # Without the demo profile there is no simulator; Compose must start the proxy anyway.
@@ -319,10 +319,27 @@ def test_ports_agree_with_the_configuration(compose: Compose, container_config: 
     scrape = _proxy_scrape_config()
     assert scrape.get("metrics_path", "/metrics") == "/metrics"
     targets = [target for group in scrape["static_configs"] for target in group["targets"]]
-    assert targets == [f"proxy:{server.metrics_port}"]
+    assert targets == [f"proxy:{server.metrics_port}", f"proxy-2:{server.metrics_port}"]
 
     grace = _seconds(compose.service("proxy")["stop_grace_period"])
     assert grace > server.drain_timeout_seconds, "SIGKILL would cut the drain short"
+
+
+def test_replicas_share_one_token_store(compose: Compose, container_config: Config) -> None:
+    first, second = compose.service("proxy"), compose.service("proxy-2")
+    differing = {key for key in first.keys() | second.keys() if first.get(key) != second.get(key)}
+    assert differing == {"ports"}, "the replicas must differ only in their published ports"
+    host_ports = [
+        {str(entry).split(":")[-2] for entry in compose.service(name)["ports"]}
+        for name in ("proxy", "proxy-2")
+    ]
+    assert not host_ports[0] & host_ports[1], "two replicas cannot publish the same host port"
+    assert compose.published("proxy-2") == compose.published("proxy")
+    store = container_config.tokens.store
+    assert store is not None, "replicas without a shared store fetch a token each"
+    assert URL(store.url).host == "redis"
+    assert URL(store.url).port in (None, 6379)
+    assert compose.services["redis"].get("profiles", []) == []
 
 
 def test_demo_profile_fits_the_simulator_configuration(
