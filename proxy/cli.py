@@ -13,7 +13,9 @@ from proxy import __version__
 from proxy.config import ConfigError, load_config
 
 EXIT_CONFIG = 2
-SUBCOMMANDS = ("run", "check-config", "sandbox", "demo")
+# "worker" is started by the proxy itself when [server] workers > 1 (see proxy.workers).
+SUBCOMMANDS = ("run", "check-config", "sandbox", "demo", "worker")
+LOG_FORMAT = "%(asctime)s %(levelname)s {where}%(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         type=str.upper,
     )
     parser.add_argument("--version", action="version", version=__version__)
+    if command == "worker":
+        parser.add_argument("--worker-index", type=int, required=True, help=argparse.SUPPRESS)
+        parser.add_argument("--port", type=int, required=True, help=argparse.SUPPRESS)
+        parser.add_argument("--control-socket", type=Path, required=True, help=argparse.SUPPRESS)
     options = parser.parse_args(args)
 
     try:
@@ -53,16 +59,33 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"{options.config}: OK\n{config.summary()}\n")
         return 0
 
+    if command == "worker":
+        where = f"[worker {options.worker_index} pid %(process)d] "
+    elif config.server.workers > 1:
+        where = "[supervisor] "
+    else:
+        where = ""
     logging.basicConfig(
-        level=options.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=options.log_level, format=LOG_FORMAT.format(where=where), stream=sys.stderr
     )
-    from proxy.server import serve
+    from proxy.server import WorkerSockets, serve
 
     try:
-        asyncio.run(serve(config, environ=os.environ))
+        if command == "worker":
+            from proxy.workers import run_worker
+
+            sockets = WorkerSockets(port=options.port, control=options.control_socket)
+            asyncio.run(run_worker(config, sockets, environ=os.environ))
+        elif config.server.workers > 1:
+            from proxy.workers import supervise
+
+            return supervise(config, log_level=options.log_level, environ=os.environ)
+        else:
+            asyncio.run(serve(config, environ=os.environ))
     except OSError as exc:
         logging.getLogger("proxy").error("cannot start: %s", exc.strerror or exc)
         return 1
+    except ConfigError as exc:
+        sys.stderr.write(f"mobilepay-proxy: configuration error: {exc}\n")
+        return EXIT_CONFIG
     return 0

@@ -2,14 +2,27 @@
 
 Metrics observe; they never steer. Label values come from bounded sets (route
 templates, a fixed method list, status codes), never from raw request data.
+
+With several workers (``[server] workers``), each worker runs prometheus_client in
+multiprocess mode and the supervisor exports what they all recorded
+(:class:`WorkersMetrics`). Counters and histograms add up, those of exited workers
+included; each gauge says how the workers' values combine (``multiprocess_mode``, ignored
+by a single process), and the ``live`` modes drop a worker's values once it has exited.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mmap_dict, values
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 # Buckets for a proxy that adds well under a millisecond in front of an API that
@@ -31,13 +44,29 @@ LATENCY_BUCKETS = (
     30.0,
 )
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+TOKEN_EXPIRY = "mobilepay_proxy_token_expiry_seconds"
+TOKEN_EXPIRY_HELP = "Remaining usable life of the token held for each merchant VAT."
+# In multiprocess mode a labelled series cannot be removed, so a worker marks a VAT whose
+# token it no longer holds with this value; the supervisor drops such series.
+NOT_HELD = math.inf
+# A worker rewrites a token's published expiry time only when it moved by this much.
+EXPIRY_TOLERANCE_SECONDS = 0.5
+
+
+def multiprocess_enabled() -> bool:
+    """Whether prometheus_client keeps values in per-process files for a supervisor to merge.
+
+    It decides once, when first imported, from ``PROMETHEUS_MULTIPROC_DIR``.
+    """
+    return values.ValueClass is not values.MutexValue
 
 
 class Metrics:
     """The proxy's metric families, registered on the given registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, multiprocess: bool | None = None) -> None:
         self.registry = registry
+        self.multiprocess = multiprocess_enabled() if multiprocess is None else multiprocess
         self.requests = Counter(
             "mobilepay_proxy_requests",
             "Terminal requests answered, by method, route template and status.",
@@ -91,11 +120,13 @@ class Metrics:
         self.in_flight = Gauge(
             "mobilepay_proxy_in_flight_requests",
             "Terminal requests being handled right now.",
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.token_store_up = Gauge(
             "mobilepay_proxy_token_store_up",
             "1 while the shared token store answers, 0 while it does not (1 for memory).",
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.token_store_errors = Counter(
@@ -107,6 +138,7 @@ class Metrics:
         self.merchants = Gauge(
             "mobilepay_proxy_merchants",
             "Merchant keys in the loaded routing map.",
+            multiprocess_mode="livemax",
             registry=registry,
         )
         for reason in ("initial", "expiring", "forced"):
@@ -117,7 +149,21 @@ class Metrics:
             self.upstream_401_retries.labels(result)
         # Set once tokens exist; read at scrape time, so the hot path pays nothing for it.
         self.token_lifetimes: Callable[[], Iterable[tuple[str, float]]] = lambda: ()
-        registry.register(_TokenExpiryCollector(self))
+        self._token_expiry: Gauge | None = None
+        self._expiry_children: dict[str, tuple[Gauge, float]] = {}
+        if self.multiprocess:
+            # A collector runs in the process being scraped, and the supervisor holds no
+            # tokens: workers publish when each token expires (publish_token_expiry), and
+            # WorkersMetrics turns that into the remaining life at scrape time.
+            self._token_expiry = Gauge(
+                TOKEN_EXPIRY,
+                TOKEN_EXPIRY_HELP,
+                ["merchant_vat"],
+                multiprocess_mode="livemin",
+                registry=registry,
+            )
+        else:
+            registry.register(_TokenExpiryCollector(self))
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[tuple[str, str], tuple[Histogram, Histogram]] = {}
 
@@ -131,6 +177,28 @@ class Metrics:
 
     def observe_upstream(self, method: str, route: str, seconds: float) -> None:
         self._durations(method, route)[1].observe(seconds)
+
+    def publish_token_expiry(self) -> None:
+        """Record, as a Unix time, when each held token expires (multiprocess mode only).
+
+        Called periodically by the server; only tokens that changed are written. A single
+        process reads the lifetimes at scrape time instead.
+        """
+        gauge = self._token_expiry
+        if gauge is None:
+            return
+        now = time.time()
+        held = {vat: now + seconds for vat, seconds in self.token_lifetimes()}
+        children = self._expiry_children
+        for vat, (child, published) in children.items():
+            if vat not in held and published != NOT_HELD:
+                child.set(NOT_HELD)
+                children[vat] = (child, NOT_HELD)
+        for vat, expires_at in held.items():
+            child, published = children.get(vat) or (gauge.labels(vat), NOT_HELD)
+            if abs(expires_at - published) >= EXPIRY_TOLERANCE_SECONDS:
+                child.set(expires_at)
+                children[vat] = (child, expires_at)
 
     def _durations(self, method: str, route: str) -> tuple[Histogram, Histogram]:
         key = (method, route)
@@ -149,13 +217,69 @@ class _TokenExpiryCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
-            "mobilepay_proxy_token_expiry_seconds",
-            "Remaining usable life of the token held for each merchant VAT.",
+            TOKEN_EXPIRY,
+            TOKEN_EXPIRY_HELP,
             labels=["merchant_vat"],
         )
         for vat, seconds in self._metrics.token_lifetimes():
             family.add_metric([vat], seconds)
         yield family
+
+
+# The per-process file of multiprocess mode; prometheus_client gives it no type hints.
+_MmapedDict: Any = mmap_dict.MmapedDict
+
+
+class WorkersMetrics(Collector):
+    """What every worker has recorded in ``directory``, exported by their supervisor.
+
+    prometheus_client's multiprocess merge, minus the series of tokens no worker holds.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.registry = CollectorRegistry()
+        # A scrape must not see an exited worker's counts both archived and in its own file.
+        self._lock = threading.Lock()
+        self.registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            files = [str(path) for path in self.directory.glob("*.db")]
+            merged = MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+        now = time.time()
+        for metric in merged:
+            if metric.name == TOKEN_EXPIRY:
+                # Workers record expiry times (the earliest wins); export the remaining life.
+                metric.samples = [
+                    sample._replace(value=max(0.0, sample.value - now))
+                    for sample in metric.samples
+                    if sample.value != NOT_HELD
+                ]
+            yield metric
+
+    def worker_exited(self, pid: int) -> None:
+        """Drop an exited worker's gauges; fold its counts into one archive file per kind.
+
+        Its counters and histograms keep counting towards the totals, and a worker that
+        keeps being restarted does not leave a file behind each time.
+        """
+        with self._lock:
+            # Every gauge in Metrics has a live mode: its values die with the worker.
+            mark_process_dead(pid, str(self.directory))  # type: ignore[no-untyped-call]
+            for kind in ("counter", "histogram"):
+                exited = self.directory / f"{kind}_{pid}.db"
+                if not exited.exists():
+                    continue
+                # The raw values are per key (series, or histogram bucket), so adding them
+                # up is what the merge does too.
+                archive = _MmapedDict(str(self.directory / f"{kind}_archive.db"))
+                try:
+                    for key, value, _, _ in _MmapedDict.read_all_values_from_file(str(exited)):
+                        archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
+                finally:
+                    archive.close()
+                exited.unlink()
 
 
 def method_label(method: str) -> str:

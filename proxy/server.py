@@ -7,6 +7,9 @@ import contextlib
 import logging
 import signal
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -15,10 +18,30 @@ from proxy.config import Config, ConfigError, load_config
 from proxy.protocol import ProxyRunner
 
 log = logging.getLogger(__name__)
+SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+# How often a worker publishes its tokens' expiry to the metrics its supervisor exports.
+TOKEN_EXPIRY_PUBLISH_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSockets:
+    """Where one of several workers listens (see proxy.workers).
+
+    ``port`` is the terminal port, shared with the other workers through ``SO_REUSEPORT``;
+    ``control`` is a unix socket answering ``/healthz``, ``/readyz`` and ``/metrics`` for the
+    supervisor, in place of ``metrics_port``.
+    """
+
+    port: int
+    control: Path
 
 
 async def serve(
-    config: Config, *, environ: Mapping[str, str], stop: asyncio.Event | None = None
+    config: Config,
+    *,
+    environ: Mapping[str, str],
+    stop: asyncio.Event | None = None,
+    worker: WorkerSockets | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain in-flight requests.
 
@@ -30,6 +53,9 @@ async def serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGHUP, _request_reload, reloads)
+    # A worker is started with these blocked, so one sent while it started up waits for
+    # the handlers above instead of killing it or going unnoticed.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
     app = create_app(config)
     state = app[STATE]
@@ -45,13 +71,25 @@ async def serve(
     metrics_runner = web.AppRunner(create_metrics_app(state), access_log=None)
     await runner.setup()
     await metrics_runner.setup()
+    publisher = None
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+        site: web.BaseSite
+        metrics_site: web.BaseSite
+        if worker is None:
+            site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+            metrics_site = web.TCPSite(
+                metrics_runner, config.server.metrics_host, config.server.metrics_port
+            )
+        else:
+            # The kernel spreads new connections over every worker's socket on the port.
+            site = web.TCPSite(
+                runner, config.server.host, worker.port, backlog=1024, reuse_port=True
+            )
+            metrics_site = web.UnixSite(metrics_runner, worker.control)
         await site.start()
-        metrics_site = web.TCPSite(
-            metrics_runner, config.server.metrics_host, config.server.metrics_port
-        )
         await metrics_site.start()
+        if state.metrics.multiprocess:
+            publisher = asyncio.create_task(_publish_token_expiry(state))
         log.info(
             "serving terminals on %s, metrics on %s, %d merchants, upstream %s",
             _addresses(runner),
@@ -65,10 +103,12 @@ async def serve(
         log.info("stopping: no new connections, draining for up to %.0f s", drain)
         state.draining = True
     finally:
+        if publisher is not None:
+            publisher.cancel()
         # Stops listening at once, lets in-flight requests finish within the drain timeout.
         await runner.cleanup()
         await metrics_runner.cleanup()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in SIGNALS:
             loop.remove_signal_handler(signum)
     log.info("stopped")
 
@@ -101,8 +141,18 @@ async def _reload_on_request(
             )
 
 
+async def _publish_token_expiry(state: ProxyState) -> None:
+    while True:
+        state.metrics.publish_token_expiry()
+        await asyncio.sleep(TOKEN_EXPIRY_PUBLISH_SECONDS)
+
+
 def _addresses(runner: web.AppRunner) -> str:
-    return ", ".join(
-        f"{host}:{port}" if ":" not in str(host) else f"[{host}]:{port}"
-        for host, port, *_ in runner.addresses
-    )
+    return ", ".join(_address(address) for address in runner.addresses)
+
+
+def _address(address: str | tuple[Any, ...]) -> str:
+    if isinstance(address, str):  # a unix socket
+        return address
+    host, port = address[:2]
+    return f"{host}:{port}" if ":" not in str(host) else f"[{host}]:{port}"

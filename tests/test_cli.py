@@ -47,6 +47,7 @@ def _write_config(
     port: int = 0,
     metrics_port: int = 0,
     extra: str = "",
+    extra_server: str = "",
 ) -> Path:
     secret = path.parent / "client_secret.txt"
     secret.write_text(CLIENT_SECRET + "\n")
@@ -58,6 +59,7 @@ port = {port}
 metrics_host = "127.0.0.1"
 metrics_port = {metrics_port}
 drain_timeout_seconds = 10
+{extra_server}
 
 [mobilepay]
 api_base_url = "{api}"
@@ -162,7 +164,9 @@ def test_missing_file_and_secrets_from_environment(tmp_path: Path, ca_file: Path
     assert "c-ibm-value" not in result.stdout
 
 
-async def spawn_proxy(config: Path, stderr: int | None = None) -> asyncio.subprocess.Process:
+async def spawn_proxy(
+    config: Path, stderr: int | None = None, log_level: str = "WARNING"
+) -> asyncio.subprocess.Process:
     """``python -m proxy --config ...`` as an operator would start it."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -171,7 +175,7 @@ async def spawn_proxy(config: Path, stderr: int | None = None) -> asyncio.subpro
         "--config",
         str(config),
         "--log-level",
-        "WARNING",
+        log_level,
         cwd=ROOT,
         stderr=stderr,
     )
