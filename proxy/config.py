@@ -146,7 +146,8 @@ class Config:
         merchants = self.routing.merchants
         restricted = sum(1 for merchant in merchants.values() if merchant.networks)
         lines = [
-            f"listen:           {self.server.host}:{self.server.port}",
+            f"listen:           {self.server.host}:{self.server.port}, "
+            f"{self.server.workers} worker(s)",
             f"metrics:          {self.server.metrics_host}:{self.server.metrics_port}",
             f"environment:      {self.mobilepay.environment}",
             f"api base url:     {self.mobilepay.api_base_url}",
