@@ -7,7 +7,9 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 from proxy import __version__
 from proxy.config import ConfigError, load_config
@@ -75,13 +77,13 @@ def main(argv: list[str] | None = None) -> int:
             from proxy.workers import run_worker
 
             sockets = WorkerSockets(port=options.port, control=options.control_socket)
-            asyncio.run(run_worker(config, sockets, environ=os.environ))
+            run_loop(run_worker(config, sockets, environ=os.environ))
         elif config.server.workers > 1:
             from proxy.workers import supervise
 
             return supervise(config, log_level=options.log_level, environ=os.environ)
         else:
-            asyncio.run(serve(config, environ=os.environ))
+            run_loop(serve(config, environ=os.environ))
     except OSError as exc:
         logging.getLogger("proxy").error("cannot start: %s", exc.strerror or exc)
         return 1
@@ -89,3 +91,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"mobilepay-proxy: configuration error: {exc}\n")
         return EXIT_CONFIG
     return 0
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (it is markedly faster here), else on asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)

@@ -107,8 +107,8 @@ def _check_query(query: str) -> None:
             raise InvalidQuery("The query string contains an encoded control character.")
 
 
-def check_prefix(path: str, prefixes: Iterable[str]) -> None:
-    if not any(path.startswith(prefix) for prefix in prefixes):
+def check_prefix(path: str, prefixes: tuple[str, ...]) -> None:
+    if not path.startswith(prefixes):
         raise UnknownRoute("This path is not served by the proxy.")
 
 
