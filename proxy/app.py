@@ -33,6 +33,7 @@ class ProxyState:
     metrics: Metrics
     session: aiohttp.ClientSession | None = None
     tokens: TokenManager | None = None
+    upstream: UpstreamClient | None = None
     forwarder: Forwarder | None = None
     draining: bool = False
 
@@ -74,7 +75,9 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
         if shared is not None:
             await shared.start(tokens.on_shared_event)
         state.session, state.tokens = session, tokens
-        state.forwarder = Forwarder(config, tokens, UpstreamClient(session), state.metrics)
+        upstream = UpstreamClient(config.mobilepay, config.upstream)
+        state.upstream = upstream
+        state.forwarder = Forwarder(config, tokens, upstream, state.metrics)
         state.metrics.token_lifetimes = lambda: (
             (status.vat, status.expires_in_seconds or 0.0) for status in tokens.held()
         )
@@ -82,6 +85,7 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await tokens.close()
+            upstream.close()
             if shared is not None:
                 await shared.close()
 
@@ -133,7 +137,8 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
         for merchant in old.routing.merchants.values():
             if merchant.vat not in kept:
                 tokens.forget(merchant.vat)
-    state.forwarder = Forwarder(new, tokens, UpstreamClient(session), state.metrics)
+    assert state.upstream is not None
+    state.forwarder = Forwarder(new, tokens, state.upstream, state.metrics)
     state.config = new
     state.metrics.merchants.set(len(new.routing.merchants))
     return ignored

@@ -19,6 +19,7 @@ from proxy.errors import (
     UnsupportedUpgrade,
 )
 from proxy.headers import request_strip_set, response_headers, upstream_request_headers
+from proxy.http1 import Response as UpstreamResponse
 from proxy.metrics import Metrics, method_label
 from proxy.routing import (
     POS_V10_ROUTES,
@@ -32,7 +33,7 @@ from proxy.routing import (
 )
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.token import Token
-from proxy.upstream import RetryableFailure, UpstreamClient, UpstreamResponse
+from proxy.upstream import RetryableFailure, UpstreamClient
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
@@ -131,7 +132,7 @@ class Forwarder:
             upstream = await self._replay_after_401(request, outcome, merchant, token, url, body)
         return web.Response(
             status=upstream.status,
-            reason=upstream.reason,
+            reason=upstream.reason or None,
             headers=response_headers(upstream.headers),
             body=upstream.body,
         )

@@ -1,17 +1,23 @@
-"""All I/O towards MobilePay: one session, one TLS context, errors mapped at this boundary."""
+"""All I/O towards MobilePay, with errors mapped to the proxy's at this one boundary.
+
+Forwarded requests go through the lean keep-alive pool in :mod:`proxy.http1`; the token
+endpoint, called rarely, through one aiohttp session.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
-from dataclasses import dataclass
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import MobilePayConfig, UpstreamConfig
 from proxy.errors import ProxyError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
+from proxy.http1 import BadResponse, ConnectionFailed, ConnectionPool, serialise_headers
+from proxy.http1 import Response as UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +57,6 @@ def create_session(mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> aioh
     return session
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamResponse:
-    status: int
-    reason: str | None
-    headers: CIMultiDictProxy[str]
-    body: bytes
-
-
 class RetryableFailure(Exception):
     """The connection failed before any byte of a response arrived."""
 
@@ -68,42 +66,37 @@ class RetryableFailure(Exception):
 
 
 class UpstreamClient:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
+    """Forwards requests to MobilePay over a keep-alive pool, mapping every failure."""
+
+    def __init__(self, mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> None:
+        self._pool = ConnectionPool(
+            tls_context(mobilepay),
+            limit=upstream.max_connections,
+            connect_timeout=upstream.connect_timeout_seconds,
+            keepalive_timeout=upstream.keepalive_timeout_seconds,
+        )
+        self._timeout = upstream.timeout_seconds
+
+    def close(self) -> None:
+        self._pool.close()
 
     async def send(
         self, method: str, url: URL, headers: CIMultiDict[str], body: bytes
     ) -> UpstreamResponse:
         """One attempt. Raises RetryableFailure when no response byte arrived, else ProxyError."""
+        head = serialise_headers(method, url.host_port_subcomponent or "", headers, body)
         try:
-            response = await self._session.request(
-                method, url, headers=headers, data=body or None, allow_redirects=False
-            )
+            async with asyncio.timeout(self._timeout):
+                return await self._pool.request(method, url, head, body)
         except TimeoutError:
             raise UpstreamTimeout() from None
-        except aiohttp.ClientSSLError:
+        except ssl.SSLCertVerificationError:
             raise UpstreamUnreachable(
                 "MobilePay's TLS certificate could not be verified."
             ) from None
-        except aiohttp.ClientResponseError as exc:
-            # Never format exc: aiohttp's repr of a request error carries its headers.
-            log.warning(
-                "upstream %s %s sent a malformed response: %s", method, url.path, type(exc).__name__
-            )
-            raise UpstreamBadResponse() from None
-        except aiohttp.ClientConnectionError as exc:
-            log.warning(
-                "upstream %s %s failed before a response: %s", method, url.path, type(exc).__name__
-            )
+        except ConnectionFailed as exc:
+            log.warning("upstream %s %s failed before a response: %s", method, url.path, exc)
             raise RetryableFailure(UpstreamUnreachable()) from None
-        try:
-            async with response:
-                payload = await response.read()
-        except TimeoutError:
-            raise UpstreamTimeout() from None
-        except aiohttp.ClientError as exc:
-            log.warning(
-                "upstream %s %s broke off mid-response: %s", method, url.path, type(exc).__name__
-            )
+        except BadResponse as exc:
+            log.warning("upstream %s %s: unusable response: %s", method, url.path, exc)
             raise UpstreamBadResponse() from None
-        return UpstreamResponse(response.status, response.reason, response.headers, payload)
