@@ -26,7 +26,6 @@ from proxy.routing import (
     POS_V10_ROUTES,
     UNMATCHED_ROUTE,
     RouteTable,
-    Target,
     check_prefix,
     check_source,
     parse_target,
@@ -43,6 +42,7 @@ access_log = logging.getLogger("proxy.access")
 ALLOWED_METHODS = frozenset({"GET", "POST", "DELETE"})
 ALLOWED_HEADER = ", ".join(sorted(ALLOWED_METHODS))
 IDEMPOTENCY_HEADER = "X-MobilePay-Idempotency-Key"
+TARGET_CACHE_SIZE = 4096
 
 
 @dataclass(slots=True)
@@ -73,6 +73,7 @@ class Forwarder:
         self._strip = request_strip_set(config.routing.header)
         self._base = str(config.mobilepay.api_base_url).rstrip("/")
         self._ibm_client_id = config.mobilepay.ibm_client_id
+        self._targets: dict[str, tuple[URL, str]] = {}
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
 
@@ -115,16 +116,13 @@ class Forwarder:
             )
         if "Upgrade" in request.headers:
             raise UnsupportedUpgrade()
-        target = parse_target(request.raw_path)
-        check_prefix(target.path, self._config.routing.allowed_prefixes)
-        outcome.route = self._routes.match(target.path)
+        url, outcome.route = self._resolve_target(request.raw_path)
         merchant = resolve_merchant(
             request.headers, self._config.routing.header, self._config.routing.merchants
         )
         outcome.merchant = merchant.key
         check_source(merchant, request.remote)
         body = await self._read_body(request)
-        url = self._upstream_url(target)
 
         token = await self._tokens.get(merchant.vat)
         outcome.token = token.fingerprint
@@ -198,11 +196,26 @@ class Forwarder:
                 )
         raise AssertionError("unreachable")
 
-    def _upstream_url(self, target: Target) -> URL:
-        raw = self._base + target.path
-        if target.query:
-            raw += "?" + target.query
-        return URL(raw, encoded=True)
+    def _resolve_target(self, raw_target: str) -> tuple[URL, str]:
+        """The upstream URL and route template for an allowed target; raises for the rest.
+
+        Terminals poll the same few targets over and over, so accepted ones are remembered
+        (the cache is bounded by starting afresh when full).
+        """
+        resolved = self._targets.get(raw_target)
+        if resolved is None:
+            target = parse_target(raw_target)
+            check_prefix(target.path, self._config.routing.allowed_prefixes)
+            raw = self._base + target.path
+            if target.query:
+                raw += "?" + target.query
+            if len(self._targets) >= TARGET_CACHE_SIZE:
+                self._targets.clear()
+            resolved = self._targets[raw_target] = (
+                URL(raw, encoded=True),
+                self._routes.match(target.path),
+            )
+        return resolved
 
     async def _read_body(self, request: BaseRequest) -> bytes:
         """The whole body, within the size limit and the time limit."""

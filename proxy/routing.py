@@ -55,7 +55,6 @@ POS_V10_ROUTES = (
     "/pos/app/usersimulation/cancelpaymentbyuser",
 )
 UNMATCHED_ROUTE = "unmatched"
-CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +117,6 @@ class RouteTable:
 
     def __init__(self, templates: Iterable[str]) -> None:
         self._by_length: dict[int, list[tuple[tuple[str | None, ...], str]]] = {}
-        self._cache: dict[str, str] = {}
         for template in templates:
             parts = tuple(
                 None if part.startswith("{") else part for part in template.strip("/").split("/")
@@ -129,15 +127,6 @@ class RouteTable:
             candidates.sort(key=lambda item: sum(part is None for part in item[0]))
 
     def match(self, path: str) -> str:
-        # Terminals poll the same few paths over and over; the cache is bounded by clearing.
-        template = self._cache.get(path)
-        if template is None:
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()
-            template = self._cache[path] = self._match(path)
-        return template
-
-    def _match(self, path: str) -> str:
         parts = path.strip("/").split("/")
         for pattern, template in self._by_length.get(len(parts), ()):
             if all(p is None or p == actual for p, actual in zip(pattern, parts, strict=True)):
