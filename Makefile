@@ -39,6 +39,7 @@ test-fast: $(BIN)/.installed
 	$(BIN)/pytest -p no:cacheprovider
 
 bench: $(BIN)/.installed
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:
