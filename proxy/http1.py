@@ -246,17 +246,28 @@ class _Connection(asyncio.Protocol):
         else:
             waiter.set_exception(ConnectionFailed("connection closed before a response"))
 
-    async def exchange(self, request: bytes, method: str) -> Response:
+    async def exchange(self, request: bytes, method: str, wait_seconds: float) -> Response:
+        """Send a request and wait for its whole response, at most ``wait_seconds``."""
         assert self.transport is not None
+        loop = asyncio.get_running_loop()
         self._parser = _ResponseParser(method)
-        self._waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Response] = loop.create_future()
+        self._waiter = waiter
         self._received = False
+        # A plain timer costs less per request than an asyncio.timeout() scope.
+        timer = loop.call_later(wait_seconds, self._time_out, waiter)
         try:
             self.transport.write(request)
-            return await self._waiter
+            return await waiter
         finally:
+            timer.cancel()
             self._parser = self._waiter = None
             self.idle_since = time.monotonic()
+
+    def _time_out(self, waiter: asyncio.Future[Response]) -> None:
+        if not waiter.done():
+            self.close()
+            waiter.set_exception(TimeoutError())
 
     def close(self) -> None:
         self.closed = True
@@ -281,14 +292,19 @@ class ConnectionPool:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._slots = asyncio.Semaphore(limit)
 
-    async def request(self, method: str, url: URL, head: bytes, body: bytes) -> Response:
-        """Send one request; ``head`` is the serialised header block after the request line."""
+    async def request(
+        self, method: str, url: URL, head: bytes, body: bytes, wait_seconds: float
+    ) -> Response:
+        """Send one request; ``head`` is the serialised header block after the request line.
+
+        ``wait_seconds`` bounds the wait for the response; connecting has its own timeout.
+        """
         host, port = url.raw_host or "", url.port or 443
         request = b"".join((f"{method} {url.raw_path_qs} HTTP/1.1\r\n".encode(), head, body))
         async with self._slots:
             connection = self._idle_connection(host, port) or await self._connect(host, port)
             try:
-                response = await connection.exchange(request, method)
+                response = await connection.exchange(request, method, wait_seconds)
             except BaseException:
                 connection.close()
                 raise

@@ -6,7 +6,6 @@ endpoint, called rarely, through one aiohttp session.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 
@@ -86,8 +85,7 @@ class UpstreamClient:
         """One attempt. Raises RetryableFailure when no response byte arrived, else ProxyError."""
         head = serialise_headers(method, url.host_port_subcomponent or "", headers, body)
         try:
-            async with asyncio.timeout(self._timeout):
-                return await self._pool.request(method, url, head, body)
+            return await self._pool.request(method, url, head, body, self._timeout)
         except TimeoutError:
             raise UpstreamTimeout() from None
         except ssl.SSLCertVerificationError:
