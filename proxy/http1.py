@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import cast
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 # Far more than any PoS V10 answer; a response beyond it is not relayed.
@@ -45,7 +45,7 @@ class ConnectionFailed(Exception):
 class Response:
     status: int
     reason: str
-    headers: CIMultiDictProxy[str]
+    headers: CIMultiDict[str]  # the caller's to change
     body: bytes
 
 
@@ -191,7 +191,7 @@ class _ResponseParser:
     def _complete(self, body: bytes) -> None:
         assert self._head is not None
         status, reason, headers, _ = self._head
-        self.response = Response(status, reason, CIMultiDictProxy(headers), body)
+        self.response = Response(status, reason, headers, body)
 
 
 class _Connection(asyncio.Protocol):

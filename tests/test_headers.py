@@ -108,15 +108,17 @@ def test_ipv6_peer_is_quoted_in_forwarded() -> None:
 
 def test_response_hop_by_hop_and_connection_listed_are_stripped() -> None:
     headers = response_headers(
-        _proxy(
-            ("Content-Type", "application/json"),
-            ("Connection", "close, X-Internal"),
-            ("X-Internal", "secret-ish"),
-            ("Transfer-Encoding", "chunked"),
-            ("Content-Length", "10"),
-            ("Set-Cookie", "a=1"),
-            ("Set-Cookie", "b=2"),
-            ("Content-Encoding", "gzip"),
+        CIMultiDict(
+            [
+                ("Content-Type", "application/json"),
+                ("Connection", "close, X-Internal"),
+                ("X-Internal", "secret-ish"),
+                ("Transfer-Encoding", "chunked"),
+                ("Content-Length", "10"),
+                ("Set-Cookie", "a=1"),
+                ("Set-Cookie", "b=2"),
+                ("Content-Encoding", "gzip"),
+            ]
         )
     )
     assert list(headers.items()) == [
