@@ -1,4 +1,7 @@
-"""Application factories: the terminal-facing proxy app and the operator-facing metrics app."""
+"""Application factories: the proxy's live parts, and the operator-facing metrics app.
+
+The terminal-facing listener is :mod:`proxy.edge`; it calls :func:`proxy_handler`.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
-from aiohttp.typedefs import Handler
-from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.config import Config, ConfigError
-from proxy.errors import InvalidPath, MethodNotAllowed, ProxyError
-from proxy.forwarding import ALLOWED_HEADER, ALLOWED_METHODS, Forwarder
+from proxy.forwarding import Forwarder
+from proxy.messages import Reply, Request
 from proxy.metrics import Metrics
 from proxy.tokens.fetcher import TokenFetcher
 from proxy.tokens.manager import TokenManager
@@ -43,24 +44,15 @@ STATE = web.AppKey("state", ProxyState)
 
 
 def create_app(config: Config, *, registry: CollectorRegistry | None = None) -> web.Application:
-    """The terminal-facing proxy. Its ClientSession lives exactly as long as the app."""
+    """The proxy's live parts, opened and closed with the app (start it with an AppRunner).
+
+    Its ClientSession, token manager and forwarder live exactly as long as the app.
+    """
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.merchants.set(len(config.routing.merchants))
-    server = config.server
-    app = web.Application(
-        handler_args={
-            "max_line_size": server.max_line_size,
-            "max_field_size": server.max_field_size,
-            "max_headers": server.max_headers,
-            "keepalive_timeout": server.keepalive_timeout_seconds,
-            # How long an unread body is drained after an error answer before closing.
-            "lingering_time": 1.0,
-        }
-    )
+    app = web.Application()
     app[STATE] = ProxyState(config=config, metrics=metrics)
-    app.middlewares.append(_json_errors)
     app.cleanup_ctx.append(_upstream_resources)
-    app.router.add_route("*", "/{path:.*}", _handle)
     return app
 
 
@@ -162,40 +154,20 @@ def _credentials(config: Config) -> tuple[str, ...]:
     )
 
 
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Requests the router itself turns away (``CONNECT host:port``, ``OPTIONS *``) get JSON too."""
-    try:
-        return await handler(request)
-    except web.HTTPException:
-        error: ProxyError = (
-            MethodNotAllowed(
-                f"The method is not allowed; use one of {ALLOWED_HEADER}.", allowed=ALLOWED_HEADER
-            )
-            if request.method not in ALLOWED_METHODS
-            else InvalidPath("The request target must be an absolute path.")
-        )
-        return error.to_response()
+def proxy_handler(app: web.Application) -> Callable[[Request], Awaitable[Reply]]:
+    """The terminal request handler for :class:`proxy.edge.EdgeServer`.
 
-
-async def _handle(request: web.Request) -> web.StreamResponse:
-    return await _forward(request.app[STATE], request)
-
-
-def direct_handler(app: web.Application) -> Callable[[BaseRequest], Awaitable[web.StreamResponse]]:
-    """The proxy's request handler without the router, for :class:`proxy.protocol.ProxyRunner`."""
+    Each request uses the forwarder in force when it arrives, so a reload takes effect for
+    the next request.
+    """
     state = app[STATE]
 
-    async def handle(request: BaseRequest) -> web.StreamResponse:
-        return await _forward(state, request)
+    async def handle(request: Request) -> Reply:
+        forwarder = state.forwarder
+        assert forwarder is not None, "requests arrive only after start-up"
+        return await forwarder.handle(request)
 
     return handle
-
-
-async def _forward(state: ProxyState, request: BaseRequest) -> web.StreamResponse:
-    forwarder = state.forwarder
-    assert forwarder is not None, "requests arrive only after start-up"
-    return await forwarder.handle(request)
 
 
 def create_metrics_app(state: ProxyState) -> web.Application:

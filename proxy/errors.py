@@ -7,10 +7,6 @@ answers from MobilePay's own.
 
 from __future__ import annotations
 
-import json
-
-from aiohttp import web
-
 ERROR_HEADER = "X-Proxy-Error"
 
 
@@ -20,25 +16,31 @@ class ProxyError(Exception):
     status = 500
     code = "internal_error"
     default_message = "The proxy failed to handle the request."
+    # True where the rest of the connection's bytes cannot be trusted or are not worth reading.
+    closes_connection = False
 
     def __init__(self, message: str | None = None, *, retry_after: int | None = None) -> None:
         self.message = message or self.default_message
         self.retry_after = retry_after
         super().__init__(self.message)
 
-    def to_response(self) -> web.Response:
-        body = json.dumps({"error": self.code, "message": self.message}).encode()
-        response = web.Response(status=self.status, body=body, content_type="application/json")
-        response.headers[ERROR_HEADER] = self.code
-        if self.retry_after is not None:
-            response.headers["Retry-After"] = str(self.retry_after)
-        return response
-
 
 class BadRequest(ProxyError):
     status = 400
     code = "bad_request"
     default_message = "The request is malformed."
+
+
+class MalformedRequest(BadRequest):
+    code = "malformed_request"
+    default_message = "The request is not valid HTTP/1.1."
+    closes_connection = True
+
+
+class IncompleteBody(BadRequest):
+    code = "incomplete_body"
+    default_message = "The request body ended before all of it arrived."
+    closes_connection = True
 
 
 class MissingRoutingHeader(BadRequest):
@@ -67,6 +69,7 @@ class AbsoluteTarget(BadRequest):
 class UnsupportedUpgrade(BadRequest):
     code = "upgrade_not_supported"
     default_message = "Protocol upgrades are not supported."
+    closes_connection = True
 
 
 class UnknownMerchant(ProxyError):
@@ -92,21 +95,25 @@ class MethodNotAllowed(ProxyError):
         super().__init__(message)
         self.allowed = allowed
 
-    def to_response(self) -> web.Response:
-        response = super().to_response()
-        response.headers["Allow"] = self.allowed
-        return response
-
 
 class RequestTimeout(ProxyError):
     status = 408
     code = "request_timeout"
     default_message = "The request body did not arrive in time."
+    closes_connection = True
 
 
 class BodyTooLarge(ProxyError):
     status = 413
     code = "body_too_large"
+    closes_connection = True
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    code = "headers_too_large"
+    default_message = "The request line or a header is too long."
+    closes_connection = True
 
 
 class UpstreamUnreachable(ProxyError):
@@ -125,12 +132,6 @@ class TokenUnavailable(ProxyError):
     status = 503
     code = "token_unavailable"
     default_message = "No MobilePay access token could be obtained for this merchant."
-
-
-class ShuttingDown(ProxyError):
-    status = 503
-    code = "shutting_down"
-    default_message = "The proxy is shutting down; retry on another instance."
 
 
 class UpstreamTimeout(ProxyError):

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass
 
-from aiohttp import web
-from aiohttp.web_request import BaseRequest
 from yarl import URL
 
 from proxy.config import Config, Merchant
-from proxy.errors import (
-    BodyTooLarge,
-    MethodNotAllowed,
-    ProxyError,
-    RequestTimeout,
-    UnsupportedUpgrade,
-)
+from proxy.errors import MethodNotAllowed, ProxyError, UnsupportedUpgrade
 from proxy.headers import request_strip_set, response_headers, upstream_request_headers
 from proxy.http1 import Response as UpstreamResponse
+from proxy.messages import Reply, Request, error_reply
 from proxy.metrics import Metrics, method_label
 from proxy.routing import (
     POS_V10_ROUTES,
@@ -77,68 +69,62 @@ class Forwarder:
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
 
-    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Reply:
         started = time.perf_counter()
         outcome = _Outcome()
         self._metrics.in_flight.inc()
         try:
-            response = await self._proxy(request, outcome)
+            reply = await self._proxy(request, outcome)
         except ProxyError as exc:
             self._metrics.errors.labels(exc.code).inc()
-            response = exc.to_response()
-            if isinstance(exc, BodyTooLarge | RequestTimeout):
-                # The rest of the body is not worth reading: end the connection.
-                response.force_close()
+            reply = error_reply(exc)
         finally:
             self._metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
         method = method_label(request.method)
-        self._metrics.observe_request(method, outcome.route, response.status, elapsed)
+        self._metrics.observe_request(method, outcome.route, reply.status, elapsed)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s %s %s -> %d in %.1f ms merchant=%s token=%s attempts=%d",
                 request.remote,
                 method,
                 outcome.route,
-                request.path if outcome.route != UNMATCHED_ROUTE else "-",
-                response.status,
+                request.target.partition("?")[0] if outcome.route != UNMATCHED_ROUTE else "-",
+                reply.status,
                 elapsed * 1000,
                 outcome.merchant,
                 outcome.token,
                 outcome.attempts,
             )
-        return response
+        return reply
 
-    async def _proxy(self, request: BaseRequest, outcome: _Outcome) -> web.Response:
+    async def _proxy(self, request: Request, outcome: _Outcome) -> Reply:
         if request.method not in ALLOWED_METHODS:
             raise MethodNotAllowed(
                 f"The method is not allowed; use one of {ALLOWED_HEADER}.", allowed=ALLOWED_HEADER
             )
         if "Upgrade" in request.headers:
             raise UnsupportedUpgrade()
-        url, outcome.route = self._resolve_target(request.raw_path)
+        url, outcome.route = self._resolve_target(request.target)
         merchant = resolve_merchant(
             request.headers, self._config.routing.header, self._config.routing.merchants
         )
         outcome.merchant = merchant.key
         check_source(merchant, request.remote)
-        body = await self._read_body(request)
+        body = await request.read_body(self._max_body, self._body_timeout)
 
         token = await self._tokens.get(merchant.vat)
         outcome.token = token.fingerprint
         upstream = await self._attempt(request, outcome, merchant, token, url, body)
         if upstream.status == 401:
             upstream = await self._replay_after_401(request, outcome, merchant, token, url, body)
-        return web.Response(
-            status=upstream.status,
-            reason=upstream.reason or None,
-            headers=response_headers(upstream.headers),
-            body=upstream.body,
+        return Reply(
+            upstream.status, upstream.reason, response_headers(upstream.headers), upstream.body
         )
 
     async def _replay_after_401(
         self,
-        request: BaseRequest,
+        request: Request,
         outcome: _Outcome,
         merchant: Merchant,
         rejected: Token,
@@ -164,7 +150,7 @@ class Forwarder:
 
     async def _attempt(
         self,
-        request: BaseRequest,
+        request: Request,
         outcome: _Outcome,
         merchant: Merchant,
         token: Token,
@@ -217,29 +203,8 @@ class Forwarder:
             )
         return resolved
 
-    async def _read_body(self, request: BaseRequest) -> bytes:
-        """The whole body, within the size limit and the time limit."""
-        if request.content_length is not None and request.content_length > self._max_body:
-            raise BodyTooLarge(f"The request body is larger than {self._max_body} bytes.")
-        if not request.body_exists:
-            return b""
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self._body_timeout):
-                async for chunk in request.content.iter_any():
-                    size += len(chunk)
-                    if size > self._max_body:
-                        raise BodyTooLarge(
-                            f"The request body is larger than {self._max_body} bytes."
-                        )
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise RequestTimeout() from None
-        return b"".join(chunks)
 
-
-def _safe_to_resend(request: BaseRequest) -> bool:
+def _safe_to_resend(request: Request) -> bool:
     """GET, or a POST whose idempotency key makes MobilePay answer a replay with the original."""
     if request.method == "GET":
         return True

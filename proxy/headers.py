@@ -34,8 +34,8 @@ PROXY_OWNED = frozenset(
         "x-forwarded-port",
         "x-forwarded-prefix",
         "x-real-ip",
-        # Framing and negotiation belong to each connection; aiohttp frames the
-        # buffered body itself and the proxy has already answered any Expect.
+        # Framing and negotiation belong to each connection: the upstream client frames
+        # the buffered body itself, and the edge has already answered any Expect.
         "content-length",
         "expect",
     }

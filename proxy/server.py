@@ -19,10 +19,11 @@ from proxy.app import (
     apply_config,
     create_app,
     create_metrics_app,
-    direct_handler,
+    proxy_handler,
 )
 from proxy.config import Config, ConfigError, load_config
-from proxy.protocol import ProxyRunner
+from proxy.edge import EdgeServer
+from proxy.forwarding import ALLOWED_HEADER
 
 log = logging.getLogger(__name__)
 SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -67,41 +68,31 @@ async def serve(
     app = create_app(config)
     state = app[STATE]
     drain = config.server.drain_timeout_seconds
-    # The proxy logs its own access lines, with the merchant and token fingerprint.
-    runner = ProxyRunner(
-        app,
-        header_timeout=config.server.header_timeout_seconds,
-        handler=direct_handler(app),
-        access_log=None,
-        shutdown_timeout=drain,
-        handle_signals=False,
-    )
+    # The app's runner opens and closes the proxy's live parts; it listens nowhere itself.
+    runner = web.AppRunner(app, handle_signals=False)
+    edge = EdgeServer(proxy_handler(app), config.server, allowed_methods=ALLOWED_HEADER)
     metrics_runner = web.AppRunner(create_metrics_app(state), access_log=None)
     await runner.setup()
     await metrics_runner.setup()
     publisher = None
     try:
-        site: web.BaseSite
         metrics_site: web.BaseSite
         if worker is None:
-            site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+            await edge.listen(config.server.host, config.server.port)
             metrics_site = web.TCPSite(
                 metrics_runner, config.server.metrics_host, config.server.metrics_port
             )
         else:
             # The kernel spreads new connections over every worker's socket on the port.
-            site = web.TCPSite(
-                runner, config.server.host, worker.port, backlog=1024, reuse_port=True
-            )
+            await edge.listen(config.server.host, worker.port, reuse_port=True)
             metrics_site = web.UnixSite(metrics_runner, worker.control)
-        await site.start()
         await metrics_site.start()
         if state.metrics.multiprocess:
             publisher = asyncio.create_task(_publish_token_expiry(state))
         log.info(
             "serving terminals on %s, metrics on %s, %d merchants, upstream %s",
-            _addresses(runner),
-            _addresses(metrics_runner),
+            ", ".join(_address(address) for address in edge.addresses),
+            ", ".join(_address(address) for address in metrics_runner.addresses),
             len(config.routing.merchants),
             config.mobilepay.api_base_url,
         )
@@ -114,6 +105,7 @@ async def serve(
         if publisher is not None:
             publisher.cancel()
         # Stops listening at once, lets in-flight requests finish within the drain timeout.
+        await edge.close(drain)
         await runner.cleanup()
         await metrics_runner.cleanup()
         for signum in SIGNALS:
@@ -153,10 +145,6 @@ async def _publish_token_expiry(state: ProxyState) -> None:
     while True:
         state.metrics.publish_token_expiry()
         await asyncio.sleep(TOKEN_EXPIRY_PUBLISH_SECONDS)
-
-
-def _addresses(runner: web.AppRunner) -> str:
-    return ", ".join(_address(address) for address in runner.addresses)
 
 
 def _address(address: str | tuple[Any, ...]) -> str:

@@ -20,9 +20,10 @@ import trustme
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy.app import STATE, create_app, create_metrics_app, direct_handler
+from proxy.app import STATE, create_app, create_metrics_app, proxy_handler
 from proxy.config import Config, parse_config
-from proxy.protocol import ProxyRunner
+from proxy.edge import EdgeServer
+from proxy.forwarding import ALLOWED_HEADER
 from tests.fakes import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -191,6 +192,7 @@ async def start_proxy(
     token_server: TokenServer, pos_server: PosServer, ca_file: Path, exposure: Exposure
 ) -> AsyncIterator[Callable[..., Any]]:
     runners: list[web.AppRunner] = []
+    edges: list[EdgeServer] = []
     sessions: list[aiohttp.ClientSession] = []
     proxies: list[RunningProxy] = []
 
@@ -204,25 +206,22 @@ async def start_proxy(
         config = parse_config(data, base_dir=Path("."), environ={})
         registry = CollectorRegistry()
         app = create_app(config, registry=registry)
-        runner = ProxyRunner(
-            app,
-            header_timeout=config.server.header_timeout_seconds,
-            handler=direct_handler(app),
-            access_log=None,
-            shutdown_timeout=1,
-        )
+        runner = web.AppRunner(app)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        runners.append(runner)
+        edge = EdgeServer(proxy_handler(app), config.server, allowed_methods=ALLOWED_HEADER)
+        edges.append(edge)
+        await edge.listen("127.0.0.1", 0)
         metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, "127.0.0.1", 0).start()
-        runners.extend([runner, metrics_runner])
+        runners.append(metrics_runner)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
         )
         sessions.append(session)
         proxy = RunningProxy(
-            url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+            url=f"http://127.0.0.1:{edge.addresses[0][1]}",
             metrics_url=f"http://127.0.0.1:{metrics_runner.addresses[0][1]}",
             config=config,
             app=app,
@@ -238,6 +237,8 @@ async def start_proxy(
         await proxy.metrics()
     for session in sessions:
         await session.close()
+    for edge in edges:
+        await edge.close(1)
     for runner in reversed(runners):
         await runner.cleanup()
 

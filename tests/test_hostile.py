@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from proxy.app import create_app
 from tests.conftest import RunningProxy
 from tests.fakes import PosServer, TokenServer
 from tests.rawhttp import request_bytes, send_raw
@@ -311,21 +310,3 @@ async def test_slowloris_headers_are_cut_off_and_others_are_unaffected(
     assert all(
         r.headers["X-MobilePay-Merchant-VAT-Number"] == "DK10000002" for r in pos_server.requests
     )
-
-
-async def test_the_app_under_a_plain_runner_answers_router_refusals_in_json(
-    proxy: RunningProxy,
-) -> None:
-    from aiohttp import web
-
-    runner = web.AppRunner(create_app(proxy.config), access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        for method, target, status in (("CONNECT", "evil:443", 405), ("OPTIONS", "*", 405)):
-            response = await send_raw(url, request_bytes(method, target, [M]))
-            assert response.status == status
-            assert response.json()["error"] in ("method_not_allowed", "invalid_path")
-    finally:
-        await runner.cleanup()
