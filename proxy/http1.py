@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import ssl
 import time
 from dataclasses import dataclass
-from typing import cast
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -27,6 +27,7 @@ from yarl import URL
 # Far more than any PoS V10 answer; a response beyond it is not relayed.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
+READ_SIZE = 256 * 1024
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
@@ -194,20 +195,116 @@ class _ResponseParser:
         self.response = Response(status, reason, headers, body)
 
 
-class _Connection(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+class _Connection:
+    """One keep-alive TLS connection, read and written as a non-blocking ``SSLSocket``.
+
+    Why not an asyncio transport: a TLS transport passes every record through memory BIOs
+    and a state machine of its own; letting OpenSSL read and write the socket directly, with
+    the event loop only reporting readiness, measured about a quarter less CPU per exchange.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) -> None:
         self.closed = False
         self.idle_since = time.monotonic()
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
         self._parser: _ResponseParser | None = None
         self._waiter: asyncio.Future[Response] | None = None
         self._received = False
+        self._writable_waiter: asyncio.Future[None] | None = None
+        # Registered for the connection's whole life: an idle connection notices at once
+        # when the upstream closes it, or sends bytes nobody asked for.
+        loop.add_reader(self._fd, self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
+    @classmethod
+    async def open(cls, host: str, port: int, context: ssl.SSLContext) -> _Connection:
+        """Connect to the first address of ``host`` that answers and complete the handshake."""
+        loop = asyncio.get_running_loop()
+        sock = await _connect_tcp(loop, host, port)
+        try:
+            tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await _ready(loop, tls.fileno(), write=False)
+                except ssl.SSLWantWriteError:
+                    await _ready(loop, tls.fileno(), write=True)
+        except BaseException:
+            tls.close()
+            raise
+        return cls(loop, tls)
 
-    def data_received(self, data: bytes) -> None:
+    async def exchange(self, request: bytes, method: str, wait_seconds: float) -> Response:
+        """Send a request and wait for its whole response, at most ``wait_seconds``."""
+        if self.closed:
+            raise ConnectionFailed("connection already closed")
+        self._parser = _ResponseParser(method)
+        waiter: asyncio.Future[Response] = self._loop.create_future()
+        self._waiter = waiter
+        self._received = False
+        # A plain timer costs less per request than an asyncio.timeout() scope.
+        timer = self._loop.call_later(wait_seconds, self._time_out, waiter)
+        try:
+            try:
+                await self._send(request)
+            except ConnectionFailed:
+                if waiter.done():  # timed out, or the upstream answered early and closed
+                    return waiter.result()
+                raise
+            return await waiter
+        finally:
+            timer.cancel()
+            self._parser = self._waiter = None
+            self.idle_since = time.monotonic()
+
+    async def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self._sock.send(view)
+            except ssl.SSLWantWriteError:
+                sent = 0
+            except OSError as exc:
+                self.close()
+                raise ConnectionFailed(type(exc).__name__) from None
+            view = view[sent:]
+            if view:
+                await self._writable()
+
+    async def _writable(self) -> None:
+        """Wait until the socket takes more bytes; fails if the connection closes meanwhile."""
+        writable = self._writable_waiter = self._loop.create_future()
+        self._loop.add_writer(self._fd, _wake, writable)
+        try:
+            await writable
+        finally:
+            self._writable_waiter = None
+            if not self.closed:
+                self._loop.remove_writer(self._fd)
+
+    def _readable(self) -> None:
+        # OpenSSL may hold decrypted bytes beyond one read: read until it wants more.
+        while not self.closed:
+            try:
+                data = self._sock.recv(READ_SIZE)
+            except ssl.SSLWantReadError:
+                return
+            except OSError:  # a reset, a TLS alert, or close_notify (SSLZeroReturnError)
+                self._ended()
+                return
+            if not data:
+                self._ended()
+                return
+            self._data_received(data)
+
+    def _data_received(self, data: bytes) -> None:
         parser, waiter = self._parser, self._waiter
         if parser is None or waiter is None or waiter.done():
             self.close()  # bytes nobody asked for: this connection cannot be trusted
@@ -225,16 +322,8 @@ class _Connection(asyncio.Protocol):
                 self.close()
             waiter.set_result(parser.response)
 
-    def eof_received(self) -> bool:
-        self._ended()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._ended()
-
     def _ended(self) -> None:
-        self.closed = True
+        self.close()
         parser, waiter = self._parser, self._waiter
         if waiter is None or waiter.done():
             return
@@ -246,33 +335,59 @@ class _Connection(asyncio.Protocol):
         else:
             waiter.set_exception(ConnectionFailed("connection closed before a response"))
 
-    async def exchange(self, request: bytes, method: str, wait_seconds: float) -> Response:
-        """Send a request and wait for its whole response, at most ``wait_seconds``."""
-        assert self.transport is not None
-        loop = asyncio.get_running_loop()
-        self._parser = _ResponseParser(method)
-        waiter: asyncio.Future[Response] = loop.create_future()
-        self._waiter = waiter
-        self._received = False
-        # A plain timer costs less per request than an asyncio.timeout() scope.
-        timer = loop.call_later(wait_seconds, self._time_out, waiter)
-        try:
-            self.transport.write(request)
-            return await waiter
-        finally:
-            timer.cancel()
-            self._parser = self._waiter = None
-            self.idle_since = time.monotonic()
-
     def _time_out(self, waiter: asyncio.Future[Response]) -> None:
         if not waiter.done():
             self.close()
             waiter.set_exception(TimeoutError())
 
     def close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._sock.close()
+        writable = self._writable_waiter
+        if writable is not None and not writable.done():
+            writable.set_exception(ConnectionFailed("connection closed while sending"))
+
+
+async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, protocol, _, address in infos:
+        sock = socket.socket(family, kind, protocol)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await loop.sock_connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+        except BaseException:
+            sock.close()
+            raise
+        else:
+            return sock
+    raise error
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Wait until ``fd`` is readable (or writable)."""
+    ready: asyncio.Future[None] = loop.create_future()
+    watch, unwatch = (
+        (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    )
+    watch(fd, _wake, ready)
+    try:
+        await ready
+    finally:
+        unwatch(fd)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class ConnectionPool:
@@ -323,30 +438,20 @@ class ConnectionPool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            transport = connection.transport
-            if (
-                connection.closed
-                or transport is None
-                or transport.is_closing()
-                or now - connection.idle_since > self._keepalive_timeout
-            ):
+            if connection.closed or now - connection.idle_since > self._keepalive_timeout:
                 connection.close()
                 continue
             return connection
         return None
 
     async def _connect(self, host: str, port: int) -> _Connection:
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
-                    _Connection, host, port, ssl=self._context, server_hostname=host
-                )
+                return await _Connection.open(host, port, self._context)
         except ssl.SSLCertVerificationError:
             raise
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError and TimeoutError included
             raise ConnectionFailed(type(exc).__name__) from None
-        return connection
 
 
 def serialise_headers(method: str, host: str, headers: CIMultiDict[str], body: bytes) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -34,14 +35,22 @@ class FaultServer:
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
+                if self.behaviour == "stop_reading":
+                    await asyncio.sleep(5)
+                    return
+                if self.behaviour == "read_late":
+                    await asyncio.sleep(0.5)
                 body = await reader.readexactly(length)
                 self.received.append(head + body)
                 behaviour = self.behaviour if self.failures_left != 0 else "ok"
                 self.failures_left -= 1
-                if behaviour == "ok":
+                if behaviour in ("ok", "read_late"):
                     writer.write(OK)
                     await writer.drain()
                     continue
+                if behaviour == "close_after_answering":
+                    writer.write(OK)
+                    await writer.drain()
                 if behaviour == "reset":
                     writer.transport.abort()
                 elif behaviour == "mid_body":
@@ -185,3 +194,47 @@ async def test_a_retry_never_happens_after_response_bytes(
     status, _, _ = await faulty_proxy.request("GET", "/pos/v10/payments/1")
     assert status == 502
     assert len(fault_server.received) == 1
+
+
+async def test_a_large_body_reaches_an_upstream_that_reads_it_late(
+    start_proxy: Callable[..., Any], fault_server: FaultServer
+) -> None:
+    # Far more than the socket buffers hold: the proxy must wait for room and go on sending.
+    body = b"x" * (8 * 1024 * 1024)
+    proxy: RunningProxy = await start_proxy(
+        mobilepay={"api_base_url": fault_server.url},
+        server={"max_body_bytes": len(body)},
+        upstream={"timeout_seconds": 10},
+    )
+    fault_server.behaviour = "read_late"
+    status, _, _ = await proxy.request("POST", "/pos/v10/payments", data=io.BytesIO(body))
+    assert status == 200
+    (received,) = fault_server.received
+    assert received.endswith(b"\r\n\r\n" + body)
+
+
+async def test_an_upstream_that_stops_reading_times_out(
+    start_proxy: Callable[..., Any], fault_server: FaultServer
+) -> None:
+    body = b"x" * (8 * 1024 * 1024)
+    proxy: RunningProxy = await start_proxy(
+        mobilepay={"api_base_url": fault_server.url},
+        server={"max_body_bytes": len(body)},
+        upstream={"timeout_seconds": 1},
+    )
+    fault_server.behaviour = "stop_reading"
+    started = asyncio.get_running_loop().time()
+    status, headers, _ = await proxy.request("POST", "/pos/v10/payments", data=io.BytesIO(body))
+    assert (status, headers["X-Proxy-Error"]) == (504, "upstream_timeout")
+    assert asyncio.get_running_loop().time() - started < 3
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(
+    faulty_proxy: RunningProxy, fault_server: FaultServer
+) -> None:
+    fault_server.behaviour, fault_server.failures_left = "close_after_answering", -1
+    for _ in range(3):
+        status, _, body = await faulty_proxy.request("POST", "/pos/v10/payments", json={})
+        assert (status, body) == (200, b'{"ok":true}')
+        await asyncio.sleep(0.1)  # the close reaches the proxy while the connection is idle
+    assert len(fault_server.received) == 3, "a POST was sent on a dead connection and resent"
