@@ -290,10 +290,10 @@ class _Connection:
                 self._loop.remove_writer(self._fd)
 
     def _readable(self) -> None:
-        # OpenSSL may hold decrypted bytes beyond one read: read until it wants more.
+        sock = self._sock
         while not self.closed:
             try:
-                data = self._sock.recv(READ_SIZE)
+                data = sock.recv(READ_SIZE)
             except ssl.SSLWantReadError:
                 return
             except OSError:  # a reset, a TLS alert, or close_notify (SSLZeroReturnError)
@@ -303,6 +303,10 @@ class _Connection:
                 self._ended()
                 return
             self._data_received(data)
+            # Bytes still in the kernel wake this again; only what OpenSSL has already
+            # decrypted must be read now. Not reading until EAGAIN saves a syscall.
+            if not sock.pending():
+                return
 
     def _data_received(self, data: bytes) -> None:
         parser, waiter = self._parser, self._waiter
