@@ -19,7 +19,7 @@ import re
 import socket
 import ssl
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from multidict import CIMultiDict
 from yarl import URL
@@ -29,8 +29,18 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 READ_SIZE = 256 * 1024
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_FIELD_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The header section after the status line, checked whole and then split into fields in
+# one pass each: every line a token name, a colon and a value with no control character
+# but HTAB. Anything else (obs-fold, a bare CR or LF, a space before the colon) fails.
+_FIELD_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_FIELD_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*"
+_HEADER_SECTION = re.compile(rf"(?:\r\n{_FIELD_NAME}:{_FIELD_VALUE})*")
+# The value without its surrounding whitespace: empty, or from one visible character to
+# another (obs-text included).
+_HEADER_FIELD = re.compile(
+    rf"\r\n({_FIELD_NAME}):[ \t]*"
+    r"((?:[^\x00-\x20\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)?)"
+)
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?")
 
 
@@ -42,8 +52,7 @@ class ConnectionFailed(Exception):
     """The connection failed before any byte of a response arrived."""
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(NamedTuple):
     status: int
     reason: str
     headers: CIMultiDict[str]  # the caller's to change
@@ -97,21 +106,18 @@ class _ResponseParser:
             if len(self._buffer) > MAX_HEAD_BYTES:
                 raise BadResponse("response head too large")
             return False
-        lines = self._buffer[:end].decode("latin-1").split("\r\n")
+        head = self._buffer[:end].decode("latin-1")
         del self._buffer[: end + 4]
-        status_line = _STATUS_LINE.fullmatch(lines[0])
+        line_end = head.find("\r\n")
+        if line_end < 0:
+            line_end = len(head)
+        status_line = _STATUS_LINE.fullmatch(head, 0, line_end)
         if status_line is None:
             raise BadResponse("malformed status line")
         minor, status = int(status_line.group(1)), int(status_line.group(2))
-        headers: CIMultiDict[str] = CIMultiDict()
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise BadResponse("malformed header line")  # also obs-fold
-            value = value.strip(" \t")
-            if _FIELD_VALUE_BAD.search(value):
-                raise BadResponse("control character in a header value")
-            headers.add(name, value)
+        if not _HEADER_SECTION.fullmatch(head, line_end):
+            raise BadResponse("malformed header line")
+        headers = CIMultiDict(_HEADER_FIELD.findall(head, line_end))
         if 100 <= status < 200:
             if status == 101:
                 raise BadResponse("unexpected protocol switch")
