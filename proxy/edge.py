@@ -232,6 +232,9 @@ class _Connection(BaseProtocol):
                 self._arm(self._server.config.keepalive_timeout_seconds)
         except ConnectionError:
             self._close_transport()
+        except Exception:
+            log.exception("error answering a request from %s", self._remote)
+            self._close_transport()
         finally:
             self._task = None
 

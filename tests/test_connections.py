@@ -93,6 +93,9 @@ class Connection:
         assert extra == b"", f"unexpected bytes after the last response: {extra[:200]!r}"
         return True
 
+    def finish_sending(self) -> None:
+        self._writer.write_eof()
+
     async def close(self) -> None:
         self._writer.close()
         with contextlib.suppress(ConnectionError):
@@ -294,6 +297,43 @@ async def test_chunked_request_body_is_forwarded_whole_with_a_length(
     assert received.headers.getall("Content-Length") == [str(len(payload))]
     assert "Transfer-Encoding" not in received.headers
     assert not await connection.closes(wait=STAYS_OPEN)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [b"zz\r\nabc\r\n", b"3\r\nabcdef\r\n", b"3;\x00\r\nabc\r\n"],
+    ids=["size not hex", "chunk longer than its size", "control byte in an extension"],
+)
+async def test_a_broken_chunk_mid_body_is_400_and_nothing_is_forwarded(
+    proxy: RunningProxy, pos_server: PosServer, connect: Connect, broken: bytes
+) -> None:
+    connection = await connect(proxy)
+    await connection.send(
+        b"POST /pos/v10/payments HTTP/1.1\r\nHost: proxy\r\nX-Merchant-Id: store-001\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    await asyncio.sleep(0.05)
+    await connection.send(broken)
+    answer = await connection.response()
+    assert (answer.status, answer.json()["error"]) == (400, "malformed_request")
+    assert await connection.closes()
+    assert pos_server.requests == []
+
+
+async def test_a_terminal_that_stops_mid_body_gets_nothing_forwarded(
+    proxy: RunningProxy, pos_server: PosServer, connect: Connect
+) -> None:
+    connection = await connect(proxy)
+    await connection.send(
+        b"POST /pos/v10/payments HTTP/1.1\r\nHost: proxy\r\nX-Merchant-Id: store-001\r\n"
+        b"Content-Length: 100\r\n\r\n" + b"x" * 40
+    )
+    # Half-close: the terminal has finished sending and waits for an answer.
+    connection.finish_sending()
+    answer = await connection.response()
+    assert (answer.status, answer.json()["error"]) == (400, "incomplete_body")
+    assert await connection.closes()
+    assert pos_server.requests == []
 
 
 async def test_request_body_split_across_writes_arrives_whole(
