@@ -100,6 +100,7 @@ def response_headers(upstream: CIMultiDict[str]) -> CIMultiDict[str]:
     Strips in place: the dict was built for this one response, and a copy per request
     showed in profiles.
     """
-    for name in connection_listed(upstream) | RESPONSE_STRIPPED:
+    stripped = RESPONSE_STRIPPED | connection_listed(upstream)
+    for name in [name for name in upstream if name.lower() in stripped]:
         upstream.popall(name, None)
     return upstream
