@@ -27,7 +27,8 @@ from yarl import URL
 # Far more than any PoS V10 answer; a response beyond it is not relayed.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
-READ_SIZE = 256 * 1024
+# A TLS record holds at most 16 KiB; a larger read buffer would only cost an mmap per read.
+READ_SIZE = 64 * 1024
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
 # The header section after the status line, checked whole and then split into fields in
 # one pass each: every line a token name, a colon and a value with no control character
