@@ -584,3 +584,15 @@ async def test_a_second_request_head_trickling_in_is_cut_off(
     assert closed or await connection.closes(wait=1)
     assert 0.4 < asyncio.get_running_loop().time() - started < 3
     assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/1"]
+
+
+async def test_keep_alive_off_closes_after_each_answer(
+    start_proxy: Callable[..., Any], connect: Connect
+) -> None:
+    proxy: RunningProxy = await start_proxy(server={"keepalive_timeout_seconds": 0})
+    connection = await connect(proxy)
+    await connection.send(get("/pos/v10/payments/1"))
+    answer = await connection.response()
+    assert answer.status == 200
+    assert "close" in answer.connection_options()
+    assert await connection.closes()
