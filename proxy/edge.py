@@ -255,6 +255,10 @@ class _Connection(BaseProtocol):
             log.exception("error handling a request from %s", self._remote)
             reply = error_reply(ProxyError())
             keep = False
+        if not body.is_eof() and request.awaits_continue:
+            # Refused before the 100: the terminal will not send the body, so the next
+            # bytes could not be told apart from it (RFC 9110 10.1.1). Close instead.
+            keep = False
         return reply, version, keep and self._server.config.keepalive_timeout_seconds > 0
 
     def _continue(self) -> None:

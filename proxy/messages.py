@@ -50,7 +50,16 @@ def error_reply(error: ProxyError) -> Reply:
 class Request:
     """One parsed terminal request: the head as the parser read it and a body not yet read."""
 
-    __slots__ = ("_body", "_send_continue", "headers", "method", "remote", "target", "version")
+    __slots__ = (
+        "_body",
+        "_continued",
+        "_send_continue",
+        "headers",
+        "method",
+        "remote",
+        "target",
+        "version",
+    )
 
     def __init__(
         self,
@@ -69,10 +78,16 @@ class Request:
         self.remote = remote
         self._body = body
         self._send_continue = send_continue
+        self._continued = False
 
     @property
     def has_body(self) -> bool:
         return not isinstance(self._body, EmptyStreamReader)
+
+    @property
+    def awaits_continue(self) -> bool:
+        """Whether the terminal still waits for a 100 Continue: its body may never come."""
+        return not self._continued and self.headers.get("Expect", "").lower() == "100-continue"
 
     async def read_body(self, max_bytes: int, seconds: float) -> bytes:
         """The whole body, within the size limit and the time limit."""
@@ -81,9 +96,10 @@ class Request:
         declared = self.headers.get("Content-Length")
         if declared is not None and int(declared) > max_bytes:
             raise BodyTooLarge(f"The request body is larger than {max_bytes} bytes.")
-        if self.headers.get("Expect", "").lower() == "100-continue":
+        if self.awaits_continue:
             # The terminal waits for this before sending the body; refusals above come first.
             self._send_continue()
+            self._continued = True
         chunks: list[bytes] = []
         size = 0
         try:

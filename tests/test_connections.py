@@ -596,3 +596,19 @@ async def test_keep_alive_off_closes_after_each_answer(
     assert answer.status == 200
     assert "close" in answer.connection_options()
     assert await connection.closes()
+
+
+async def test_a_refusal_instead_of_100_continue_closes_the_connection(
+    proxy: RunningProxy, pos_server: PosServer, connect: Connect
+) -> None:
+    connection = await connect(proxy)
+    await connection.send(
+        b"POST /pos/v10/payments HTTP/1.1\r\nHost: proxy\r\nX-Merchant-Id: nobody\r\n"
+        b"Expect: 100-continue\r\nContent-Length: 20\r\n\r\n"
+    )
+    # The terminal never sends the body: it got a final answer instead of the 100.
+    answer = await connection.response(wait=1.0)
+    assert (answer.status, answer.json()["error"]) == (403, "unknown_merchant")
+    assert "close" in answer.connection_options()
+    assert await connection.closes(wait=0.5)
+    assert pos_server.requests == []
