@@ -4,7 +4,8 @@ Why not aiohttp's web server: under load its per-request machinery (request and 
 objects, the stream writer, the task per request) cost as much CPU as the whole proxy
 pipeline, and the proxy uses none of its generality (routing, middleware, streaming
 responses, websockets). This server keeps aiohttp's strict C request parser (llhttp), so
-what is accepted and what is refused is unchanged, and does the rest in one small protocol:
+it accepts and refuses exactly what aiohttp's server would, and does the rest in one small
+protocol:
 
 - requests on a connection are answered in order, pipelined ones included; at most
   ``MAX_QUEUED`` parsed requests wait, then reading pauses;
