@@ -48,6 +48,7 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.messages import BrokenBody, Reply, Request, error_reply
+from proxy.routing import ALLOWED_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +64,9 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 class EdgeServer:
     """Listens for terminals and serves every connection with :class:`_Connection`."""
 
-    def __init__(self, handler: Handler, config: ServerConfig, *, allowed_methods: str) -> None:
+    def __init__(self, handler: Handler, config: ServerConfig) -> None:
         self.handler = handler
         self.config = config
-        self.allowed_methods = allowed_methods
         self._servers: list[asyncio.Server] = []
         self._connections: set[_Connection] = set()
         self._all_closed: asyncio.Event | None = None
@@ -274,10 +274,7 @@ class _Connection(BaseProtocol):
             self._last_body.set_exception(BrokenBody())
         error: ProxyError
         if isinstance(exc, BadHttpMethod):
-            allowed = self._server.allowed_methods
-            error = MethodNotAllowed(
-                f"The method is not allowed; use one of {allowed}.", allowed=allowed
-            )
+            error = MethodNotAllowed(allowed=ALLOWED_HEADER)
         elif isinstance(exc, LineTooLong):
             error = HeadersTooLarge()
         else:

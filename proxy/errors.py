@@ -91,8 +91,8 @@ class MethodNotAllowed(ProxyError):
     status = 405
     code = "method_not_allowed"
 
-    def __init__(self, message: str, *, allowed: str) -> None:
-        super().__init__(message)
+    def __init__(self, *, allowed: str) -> None:
+        super().__init__(f"The method is not allowed; use one of {allowed}.")
         self.allowed = allowed
 
 

@@ -27,6 +27,10 @@ from proxy.errors import (
 
 # RFC 3986 pchar without ";" (matrix parameters that some servers treat as
 # path separators) and without "%", which is checked escape by escape.
+# The PoS V10 API uses only these.
+ALLOWED_METHODS = frozenset({"GET", "POST", "DELETE"})
+ALLOWED_HEADER = ", ".join(sorted(ALLOWED_METHODS))
+
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@%]*")
 _QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@%/?]*")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%([0-9A-Fa-f]{2})")

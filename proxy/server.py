@@ -23,7 +23,6 @@ from proxy.app import (
 )
 from proxy.config import Config, ConfigError, load_config
 from proxy.edge import EdgeServer
-from proxy.forwarding import ALLOWED_HEADER
 
 log = logging.getLogger(__name__)
 SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -70,7 +69,7 @@ async def serve(
     drain = config.server.drain_timeout_seconds
     # The app's runner opens and closes the proxy's live parts; it listens nowhere itself.
     runner = web.AppRunner(app, handle_signals=False)
-    edge = EdgeServer(proxy_handler(app), config.server, allowed_methods=ALLOWED_HEADER)
+    edge = EdgeServer(proxy_handler(app), config.server)
     metrics_runner = web.AppRunner(create_metrics_app(state), access_log=None)
     await runner.setup()
     await metrics_runner.setup()

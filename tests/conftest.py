@@ -23,7 +23,6 @@ from prometheus_client import CollectorRegistry
 from proxy.app import STATE, create_app, create_metrics_app, proxy_handler
 from proxy.config import Config, parse_config
 from proxy.edge import EdgeServer
-from proxy.forwarding import ALLOWED_HEADER
 from tests.fakes import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -209,7 +208,7 @@ async def start_proxy(
         runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
-        edge = EdgeServer(proxy_handler(app), config.server, allowed_methods=ALLOWED_HEADER)
+        edge = EdgeServer(proxy_handler(app), config.server)
         edges.append(edge)
         await edge.listen("127.0.0.1", 0)
         metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
