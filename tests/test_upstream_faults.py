@@ -196,35 +196,41 @@ async def test_a_retry_never_happens_after_response_bytes(
     assert len(fault_server.received) == 1
 
 
+# Far more than the socket buffers hold: the proxy must wait for room and go on sending.
+LARGE_BODY = b"x" * (8 * 1024 * 1024)
+
+
+async def _large_body_proxy(
+    start_proxy: Callable[..., Any], fault_server: FaultServer, timeout_seconds: float
+) -> RunningProxy:
+    proxy: RunningProxy = await start_proxy(
+        mobilepay={"api_base_url": fault_server.url},
+        server={"max_body_bytes": len(LARGE_BODY)},
+        upstream={"timeout_seconds": timeout_seconds},
+    )
+    return proxy
+
+
 async def test_a_large_body_reaches_an_upstream_that_reads_it_late(
     start_proxy: Callable[..., Any], fault_server: FaultServer
 ) -> None:
-    # Far more than the socket buffers hold: the proxy must wait for room and go on sending.
-    body = b"x" * (8 * 1024 * 1024)
-    proxy: RunningProxy = await start_proxy(
-        mobilepay={"api_base_url": fault_server.url},
-        server={"max_body_bytes": len(body)},
-        upstream={"timeout_seconds": 10},
-    )
+    proxy = await _large_body_proxy(start_proxy, fault_server, timeout_seconds=10)
     fault_server.behaviour = "read_late"
-    status, _, _ = await proxy.request("POST", "/pos/v10/payments", data=io.BytesIO(body))
+    status, _, _ = await proxy.request("POST", "/pos/v10/payments", data=io.BytesIO(LARGE_BODY))
     assert status == 200
     (received,) = fault_server.received
-    assert received.endswith(b"\r\n\r\n" + body)
+    assert received.endswith(b"\r\n\r\n" + LARGE_BODY)
 
 
 async def test_an_upstream_that_stops_reading_times_out(
     start_proxy: Callable[..., Any], fault_server: FaultServer
 ) -> None:
-    body = b"x" * (8 * 1024 * 1024)
-    proxy: RunningProxy = await start_proxy(
-        mobilepay={"api_base_url": fault_server.url},
-        server={"max_body_bytes": len(body)},
-        upstream={"timeout_seconds": 1},
-    )
+    proxy = await _large_body_proxy(start_proxy, fault_server, timeout_seconds=1)
     fault_server.behaviour = "stop_reading"
     started = asyncio.get_running_loop().time()
-    status, headers, _ = await proxy.request("POST", "/pos/v10/payments", data=io.BytesIO(body))
+    status, headers, _ = await proxy.request(
+        "POST", "/pos/v10/payments", data=io.BytesIO(LARGE_BODY)
+    )
     assert (status, headers["X-Proxy-Error"]) == (504, "upstream_timeout")
     assert asyncio.get_running_loop().time() - started < 3
 
