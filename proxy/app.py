@@ -6,7 +6,7 @@ The terminal-facing listener is :mod:`proxy.edge`; it calls :func:`proxy_handler
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.config import Config, ConfigError
+from proxy.edge import Handler
 from proxy.forwarding import Forwarder
 from proxy.messages import Reply, Request
 from proxy.metrics import Metrics
@@ -154,7 +155,7 @@ def _credentials(config: Config) -> tuple[str, ...]:
     )
 
 
-def proxy_handler(app: web.Application) -> Callable[[Request], Awaitable[Reply]]:
+def proxy_handler(app: web.Application) -> Handler:
     """The terminal request handler for :class:`proxy.edge.EdgeServer`.
 
     Each request uses the forwarder in force when it arrives, so a reload takes effect for
