@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run demo test test-fast lint bench clean
+.PHONY: run demo test test-fast test-tools lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,28 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# Debian packages the tests start for real: Prometheus (and promtool) and Redis.
+# Installed when running as root, otherwise named with the command to install them.
+TEST_PACKAGES := promtool:prometheus redis-server:redis-server
+test-tools:
+	@missing=""; \
+	for pair in $(TEST_PACKAGES); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing:$$missing"; \
+			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				$$missing >/dev/null; \
+		else \
+			echo "make test needs:$$missing (sudo apt-get install$$missing)" >&2; exit 2; \
+		fi; \
+	fi
+
 # The whole suite, slow end-to-end, soak and shutdown tests included. pytest exits
 # non-zero when a test fails and with 5 when it collected nothing; both fail make.
-test: lint
+test: test-tools lint
 	$(BIN)/pytest -m "" -p no:cacheprovider
 
 test-fast: $(BIN)/.installed
