@@ -46,6 +46,17 @@ LATENCY_BUCKETS = (
 METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
 TOKEN_EXPIRY = "mobilepay_proxy_token_expiry_seconds"
 TOKEN_EXPIRY_HELP = "Remaining usable life of the token held for each merchant VAT."
+# Every deadline the proxy keeps, one label value each, modelled on nginx's timeouts.
+TIMEOUT_PHASES = (
+    "request_head",  # the terminal's request head (client_header_timeout)
+    "request_body",  # the terminal's request body (client_body_timeout)
+    "response_send",  # the terminal stopped reading its answer (send_timeout)
+    "upstream_connect",  # connecting to MobilePay (proxy_connect_timeout)
+    "upstream_send",  # sending the request to MobilePay (proxy_send_timeout)
+    "upstream_read",  # waiting for and reading MobilePay's response (proxy_read_timeout)
+    "pool_wait",  # waiting for a free connection to MobilePay
+    "request_deadline",  # the whole request, 401 replay and token fetch included
+)
 # In multiprocess mode a labelled series cannot be removed, so a worker marks a VAT whose
 # token it no longer holds with this value; the supervisor drops such series.
 NOT_HELD = math.inf
@@ -135,6 +146,12 @@ class Metrics:
             ["operation"],
             registry=registry,
         )
+        self.timeouts = Counter(
+            "mobilepay_proxy_timeouts",
+            "Deadlines that expired, by phase (see TIMEOUT_PHASES).",
+            ["phase"],
+            registry=registry,
+        )
         self.merchants = Gauge(
             "mobilepay_proxy_merchants",
             "Merchant keys in the loaded routing map.",
@@ -147,6 +164,8 @@ class Metrics:
         self.token_store_up.set(1)
         for result in ("success", "unauthorized", "error"):
             self.upstream_401_retries.labels(result)
+        for phase in TIMEOUT_PHASES:
+            self.timeouts.labels(phase)
         # Set once tokens exist; read at scrape time, so the hot path pays nothing for it.
         self.token_lifetimes: Callable[[], Iterable[tuple[str, float]]] = lambda: ()
         self._token_expiry: Gauge | None = None
