@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import tomllib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,10 +29,8 @@ from proxy.sandbox import cli as sandbox_cli
 from proxy.sandbox import demo as demo_cli
 from proxy.sandbox.settings import SandboxSettings
 from proxy.sandbox.tls import CA_CERT
+from tests.deployment_files import ROOT, Compose, exec_form, stages
 
-ROOT = Path(__file__).resolve().parent.parent
-COMPOSE_FILE = ROOT / "docker-compose.yml"
-DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 PROMETHEUS_CONFIG = ROOT / "config" / "prometheus.yml"
 ALERT_RULES = ROOT / "config" / "alerts.yml"
@@ -63,130 +60,9 @@ SAMPLE_SUFFIXES: Mapping[str, tuple[str, ...]] = {
 
 # -- Compose -----------------------------------------------------------------------
 
-_VARIABLE = re.compile(
-    r"\$(?:\$|\{(?P<name>[A-Za-z_]\w*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}|[A-Za-z_]\w*)"
-)
-
-
-def _interpolate(value: Any) -> Any:
-    """What Compose reads when no variable is set: ``${NAME:-default}`` becomes ``default``.
-
-    A variable without a default would make ``docker compose up`` depend on the caller's
-    environment, so it fails the test.
-    """
-    if isinstance(value, dict):
-        return {key: _interpolate(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(item) for item in value]
-    if not isinstance(value, str):
-        return value
-
-    def default(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        if match.group("op") is None:
-            pytest.fail(f"docker-compose.yml: {match.group(0)} in {value!r} has no default")
-        return match.group("default")
-
-    return _VARIABLE.sub(default, value)
-
-
-@dataclass(frozen=True)
-class Mount:
-    kind: str  # "bind", "volume" or "secret"
-    source: str
-    target: PurePosixPath
-    read_only: bool
-
-
-@dataclass
-class Compose:
-    data: dict[str, Any]
-    # Named volume -> a directory standing in for it.
-    volume_dirs: dict[str, Path] = field(default_factory=dict)
-
-    @property
-    def services(self) -> dict[str, Any]:
-        services: dict[str, Any] = self.data["services"]
-        return services
-
-    def service(self, name: str) -> dict[str, Any]:
-        assert name in self.services, f"docker-compose.yml has no {name!r} service"
-        service: dict[str, Any] = self.services[name]
-        return service
-
-    def mounts(self, name: str) -> list[Mount]:
-        service = self.service(name)
-        mounts = []
-        for entry in service.get("volumes", []):
-            if isinstance(entry, str):
-                source, target, *options = entry.split(":")
-                kind = "bind" if source.startswith((".", "/", "~")) else "volume"
-                read_only = "ro" in ",".join(options).split(",")
-                mounts.append(Mount(kind, source, PurePosixPath(target), read_only))
-            else:
-                mounts.append(
-                    Mount(
-                        entry["type"],
-                        entry["source"],
-                        PurePosixPath(entry["target"]),
-                        bool(entry.get("read_only", False)),
-                    )
-                )
-        for entry in service.get("secrets", []):
-            source = entry if isinstance(entry, str) else entry["source"]
-            target = source if isinstance(entry, str) else entry.get("target", source)
-            mounts.append(Mount("secret", source, PurePosixPath("/run/secrets") / target, True))
-        return mounts
-
-    def mount_at(self, name: str, target: PurePosixPath) -> Mount:
-        for mount in self.mounts(name):
-            if mount.target == target:
-                return mount
-        raise AssertionError(f"the {name} service mounts nothing at {target}")
-
-    def host_path(self, name: str, container_path: PurePosixPath) -> Path | None:
-        """Where a path inside the service's container comes from, or None if not mounted."""
-        # The innermost mount wins, as in the container.
-        for mount in sorted(self.mounts(name), key=lambda m: len(m.target.parts), reverse=True):
-            if not container_path.is_relative_to(mount.target):
-                continue
-            rest = container_path.relative_to(mount.target)
-            if mount.kind == "bind":
-                return ROOT / mount.source / rest
-            if mount.kind == "volume":
-                return self.volume_dirs[mount.source] / rest
-            if rest == PurePosixPath("."):
-                return ROOT / self.data["secrets"][mount.source]["file"]
-        return None
-
-    def published(self, name: str) -> dict[int, list[str]]:
-        """Container port -> the host addresses it is published on ("" for all)."""
-        ports: dict[int, list[str]] = {}
-        for entry in self.service(name).get("ports", []):
-            if isinstance(entry, dict):
-                container, host_ip = int(entry["target"]), entry.get("host_ip", "")
-            else:
-                parts = str(entry).split("/")[0].split(":")
-                container = int(parts[-1])
-                host_ip = parts[0] if len(parts) == 3 else ""
-            ports.setdefault(container, []).append(host_ip)
-        return ports
-
-    def environment(self, name: str) -> dict[str, str]:
-        environment = self.service(name).get("environment", {})
-        if isinstance(environment, list):
-            environment = dict(item.partition("=")[::2] for item in environment)
-        return {key: str(value) for key, value in environment.items()}
-
-
-def _command(compose: Compose, name: str) -> list[str]:
-    command = compose.service(name)["command"]
-    return [str(word) for word in command]
-
 
 def _simulator(compose: Compose) -> SandboxSettings:
-    command = _command(compose, "sandbox")
+    command = compose.command("sandbox")
     assert command[0] == "sandbox"
     assert command[0] in SUBCOMMANDS
     parser = sandbox_cli.build_parser(compose.environment("sandbox"))
@@ -209,11 +85,7 @@ def _seconds(duration: str) -> float:
 
 @pytest.fixture
 def compose(tmp_path: Path) -> Compose:
-    data = _interpolate(yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8")))
-    compose = Compose(data)
-    for volume in data.get("volumes") or {}:
-        compose.volume_dirs[volume] = tmp_path / "volumes" / volume
-        compose.volume_dirs[volume].mkdir(parents=True)
+    compose = Compose.load(tmp_path / "volumes")
     # What the simulator writes into its TLS directory on its first start.
     tls = _simulator(compose).tls
     assert tls is not None, "the simulator must serve HTTPS, as MobilePay does"
@@ -225,7 +97,7 @@ def compose(tmp_path: Path) -> Compose:
 
 
 def _config_target(compose: Compose) -> PurePosixPath:
-    command = _command(compose, "proxy")
+    command = compose.command("proxy")
     return PurePosixPath(command[command.index("--config") + 1])
 
 
@@ -303,7 +175,7 @@ def test_ports_agree_with_the_configuration(compose: Compose, container_config: 
     assert published.get(server.port) == [""], "terminals must reach the proxy port"
     assert server.metrics_port in published
 
-    final = _stages()[-1]
+    final = stages()[-1]
     exposed = {int(port.split("/")[0]) for i in final.all("EXPOSE") for port in i.split()}
     assert exposed == {server.port, server.metrics_port}
 
@@ -363,7 +235,7 @@ def test_demo_profile_fits_the_simulator_configuration(
     sandbox_health = _healthcheck_url(compose.service("sandbox")["healthcheck"]["test"])
     assert sandbox_health.port == simulator.port
 
-    command = _command(compose, "demo")
+    command = compose.command("demo")
     assert command[0] == "demo"
     assert command[0] in SUBCOMMANDS
     assert compose.service("demo")["profiles"] == ["demo"]
@@ -381,56 +253,10 @@ def test_demo_profile_fits_the_simulator_configuration(
 # -- Dockerfile --------------------------------------------------------------------
 
 
-@dataclass
-class Stage:
-    base: str
-    name: str | None
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [args for word, args in self.instructions if word == keyword]
-
-    def last(self, keyword: str) -> str:
-        found = self.all(keyword)
-        assert found, f"the stage from {self.base} has no {keyword}"
-        return found[-1]
-
-
-def _stages() -> list[Stage]:
-    lines: list[str] = []
-    current = ""
-    for raw in DOCKERFILE.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if line.startswith("#") or (not line and not current):
-            continue
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        lines.append(current + line)
-        current = ""
-    stages: list[Stage] = []
-    for line in lines:
-        keyword, _, args = line.partition(" ")
-        keyword, args = keyword.upper(), args.strip()
-        if keyword == "FROM":
-            words = [word for word in args.split() if not word.startswith("--")]
-            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(words[0], name))
-        elif stages:
-            stages[-1].instructions.append((keyword, args))
-    return stages
-
-
-def _exec_form(args: str) -> list[str]:
-    words = json.loads(args)
-    assert isinstance(words, list), f"{args!r} must be in exec form, so signals reach the proxy"
-    return words
-
-
 def test_dockerfile_final_stage_runs_the_proxy_unprivileged(compose: Compose) -> None:
-    stages = _stages()
-    build, final = stages[0], stages[-1]
-    assert len(stages) >= 2
+    found = stages()
+    build, final = found[0], found[-1]
+    assert len(found) >= 2
     assert build.name
     assert final.base.startswith("python:3.11-slim")
 
@@ -449,10 +275,10 @@ def test_dockerfile_final_stage_runs_the_proxy_unprivileged(compose: Compose) ->
     assert "mobilepay-proxy[sandbox]" in runs
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert _exec_form(final.last("ENTRYPOINT")) == ["mobilepay-proxy"]
+    assert exec_form(final.last("ENTRYPOINT")) == ["mobilepay-proxy"]
     assert "mobilepay-proxy" in pyproject["project"]["scripts"]
     assert "sandbox" in pyproject["project"]["optional-dependencies"]
-    assert _exec_form(final.last("CMD")) == _command(compose, "proxy")
+    assert exec_form(final.last("CMD")) == compose.command("proxy")
     assert final.last("STOPSIGNAL") == "SIGTERM"
     assert "/healthz" in final.last("HEALTHCHECK")
     assert compose.mount_at("proxy", _config_target(compose)).read_only
@@ -498,7 +324,7 @@ def _files(path: Path) -> Iterator[str]:
 def test_dockerignore_sends_what_the_build_copies_and_no_secrets() -> None:
     patterns = _dockerignore()
     copied = []
-    for copy in _stages()[0].all("COPY"):
+    for copy in stages()[0].all("COPY"):
         words = [word for word in copy.split() if not word.startswith("--")]
         for source in words[:-1]:
             assert (ROOT / source).exists(), f"COPY {source}: no such file"
