@@ -6,13 +6,15 @@ The terminal-facing listener is :mod:`proxy.edge`; it calls :func:`proxy_handler
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from redis import asyncio as aioredis
+from redis.exceptions import RedisError
 
 from proxy.config import Config, ConfigError
 from proxy.edge import Handler
@@ -21,11 +23,9 @@ from proxy.messages import Reply, Request
 from proxy.metrics import Metrics
 from proxy.tokens.fetcher import TokenFetcher
 from proxy.tokens.manager import TokenManager
+from proxy.tokens.shared import RedisTokenStore
 from proxy.tokens.store import MemoryTokenStore
-from proxy.upstream import UpstreamClient, create_session
-
-if TYPE_CHECKING:
-    from proxy.tokens.shared import RedisTokenStore
+from proxy.upstream import UpstreamClient, create_session, tls_context
 
 
 @dataclass(slots=True)
@@ -84,16 +84,43 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
                 await shared.close()
 
 
+def validate(config: Config) -> None:
+    """Refuse, as ConfigError, what start-up would refuse beyond the file itself.
+
+    Every command checks this after loading the file, ``check-config`` included, so a file
+    it accepts starts. Nothing here connects anywhere: an unreachable Redis is not a
+    configuration error (the proxy runs without it, see proxy.tokens.shared), and a port in
+    use is a property of the machine, reported when the proxy starts.
+    """
+    mobilepay = config.mobilepay
+    try:
+        tls_context(mobilepay)
+    except ssl.SSLError:
+        raise ConfigError(
+            f"[mobilepay] ca_file: {mobilepay.ca_file} holds no PEM CA certificate"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"[mobilepay] ca_file: cannot read {mobilepay.ca_file}: {exc.strerror or exc}"
+        ) from None
+    store = config.tokens.store
+    if store is not None:
+        # The client's own URL parser, and a connection object built (not connected) from
+        # it: unknown or malformed query options fail here, not at the first token.
+        try:
+            pool = aioredis.BlockingConnectionPool.from_url(store.url)
+            pool.connection_class(**pool.connection_kwargs)
+        except (ValueError, RedisError) as exc:
+            raise ConfigError(f"[tokens] store: {exc}") from None
+        except TypeError:
+            raise ConfigError(
+                "[tokens] store: the URL's query names an option the Redis client does not know"
+            ) from None
+
+
 def _shared_store(config: Config, metrics: Metrics) -> RedisTokenStore | None:
     if config.tokens.store is None:
         return None
-    try:
-        from proxy.tokens.shared import RedisTokenStore
-    except ImportError:
-        raise ConfigError(
-            "[tokens] store: a Redis store needs the redis extra: "
-            "pip install 'mobilepay-proxy[redis]'"
-        ) from None
     return RedisTokenStore(
         config.tokens.store, config.mobilepay.client_id, config.mobilepay.client_secret, metrics
     )

@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--control-socket", type=Path, required=True, help=argparse.SUPPRESS)
     options = parser.parse_args(args)
 
+    from proxy.app import validate
+
     try:
         config = load_config(options.config, os.environ)
+        # The same checks for every command: a file check-config accepts starts.
+        validate(config)
     except ConfigError as exc:
         sys.stderr.write(f"mobilepay-proxy: configuration error: {exc}\n")
         return EXIT_CONFIG

@@ -300,11 +300,21 @@ def _parse_server(table: _Table) -> ServerConfig:
 
 def _https_url(table: _Table, key: str, default: str) -> URL:
     text = table.string(key, default) or default
-    url = URL(text)
+    url = _url(text, f"[mobilepay] {key}")
     if url.scheme != "https" or not url.host:
         raise ConfigError(f"[mobilepay] {key} must be an https:// URL, not {text!r}")
     if url.query_string or url.fragment or url.user or url.password:
         raise ConfigError(f"[mobilepay] {key} must not carry credentials, a query or a fragment")
+    return url
+
+
+def _url(text: str, where: str) -> URL:
+    """``text`` as a URL; never echoed in the error, since it may carry a password."""
+    try:
+        url = URL(text)
+        url.port  # noqa: B018 - yarl checks the port when it is read
+    except ValueError:
+        raise ConfigError(f"{where} is not a valid URL: check its host and port") from None
     return url
 
 
@@ -411,11 +421,16 @@ def _parse_store(
     timeout_seconds = table.number("redis_timeout_seconds", 0.5, minimum=0.01)
     if store == "memory":
         return None
-    url = URL(store)
+    url = _url(store, "[tokens] store")
     if url.scheme not in ("redis", "rediss") or not url.host:
         raise ConfigError(
             '[tokens] store must be "memory" or a redis:// or rediss:// URL such as '
             '"redis://127.0.0.1:6379/0"'
+        )
+    if not re.fullmatch(r"/?\d*", url.path):
+        # The Redis client would silently use database 0 instead.
+        raise ConfigError(
+            '[tokens] store: the database must be a number, as in "redis://127.0.0.1:6379/0"'
         )
     password = environ.get(ENV_REDIS_PASSWORD, "").strip() or None
     if password is None and password_file is not None:
