@@ -7,18 +7,24 @@
 #
 # The configuration is not baked in: mount it at /etc/mobilepay-proxy/proxy.toml.
 
-# Wheels are built where compilers live, in case a dependency has no wheel for this
-# platform; the runtime image below only installs them. Both stages share one Debian
-# release so a wheel built here links against the same libraries it runs with.
+# The build stage makes the project's wheel and fetches the dependencies pinned in
+# requirements.lock (written from pyproject.toml by `make lock`), each checked against its
+# hash there. Both stages share one Debian release and Python, so what is fetched here is
+# what the runtime stage can install.
 FROM python:3.11-bookworm AS build
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY proxy ./proxy
-RUN pip wheel --wheel-dir /wheels '.[sandbox]'
+# Wheels only: a dependency without one for this platform fails the build here, instead of
+# being compiled from a source the lock's hashes say nothing about.
+RUN pip wheel --no-deps --wheel-dir /wheels . \
+    && pip download --require-hashes --only-binary=:all: --dest /wheels \
+        --requirement requirements.lock \
+    && cp requirements.lock /wheels/
 
 
 FROM python:3.11-slim-bookworm
@@ -28,9 +34,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 
-# The wheels are mounted, not copied, so they never end up in an image layer.
+# Offline, from the build stage's files, which are mounted, not copied, so they never end
+# up in an image layer: the locked dependencies (their hashes checked again, and every
+# dependency of theirs required to be in the lock), then the project without dependencies
+# of its own; `pip check` fails the build if the lock does not satisfy the package.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels 'mobilepay-proxy[sandbox]'
+    pip install --no-index --find-links=/wheels --require-hashes \
+        --requirement /wheels/requirements.lock \
+    && pip install --no-index --no-deps /wheels/mobilepay_proxy-*.whl \
+    && pip check
 
 # A fixed numeric uid, so file permissions on mounted secrets and volumes are predictable
 # and orchestrators can verify the image does not run as root. /sandbox-tls is where the

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run demo test test-fast test-tools lint bench clean
+.PHONY: run demo test test-fast test-tools lint lock bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ demo: $(BIN)/.installed
 	$(BIN)/mobilepay-proxy demo --proxy http://127.0.0.1:8080 --merchant demo-store-1 \
 		--sandbox https://127.0.0.1:8443 --ca-file .sandbox/ca.pem \
 		--metrics http://127.0.0.1:9180/metrics
+
+# requirements.lock: what the Docker image installs, every file pinned by its hash, resolved
+# from pyproject.toml's dependencies for the image's Python on any platform. Run it after
+# changing them; versions already in the lock stay unless pyproject.toml rules them out
+# (delete the file to take the newest of everything).
+LOCK := requirements.lock
+lock: $(BIN)/.installed
+	$(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+		--custom-compile-command "make lock" --output-file $(LOCK) pyproject.toml
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

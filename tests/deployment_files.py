@@ -128,7 +128,7 @@ class Compose:
             if mount.kind == "volume":
                 return self.volume_dirs[mount.source] / rest
             if rest == PurePosixPath("."):
-                return ROOT / self.data["secrets"][mount.source]["file"]
+                return ROOT / str(self.data["secrets"][mount.source]["file"])
         return None
 
     def published(self, name: str) -> dict[int, list[str]]:

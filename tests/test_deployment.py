@@ -12,13 +12,17 @@ import json
 import re
 import shutil
 import subprocess
+import sysconfig
 import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -29,9 +33,10 @@ from proxy.sandbox import cli as sandbox_cli
 from proxy.sandbox import demo as demo_cli
 from proxy.sandbox.settings import SandboxSettings
 from proxy.sandbox.tls import CA_CERT
-from tests.deployment_files import ROOT, Compose, exec_form, stages
+from tests.deployment_files import COMPOSE_FILE, DOCKERFILE, ROOT, Compose, exec_form, stages
 
 DOCKERIGNORE = ROOT / ".dockerignore"
+LOCK_FILE = ROOT / "requirements.lock"
 PROMETHEUS_CONFIG = ROOT / "config" / "prometheus.yml"
 ALERT_RULES = ROOT / "config" / "alerts.yml"
 GRAFANA_DATASOURCES = ROOT / "config" / "grafana" / "provisioning" / "datasources"
@@ -267,21 +272,183 @@ def test_dockerfile_final_stage_runs_the_proxy_unprivileged(compose: Compose) ->
     assert re.search(rf"--uid {user}\b", runs), f"uid {user} is never created"
     assert not re.search(r"\b(gcc|g\+\+|clang|build-essential|make)\b", runs), "no compilers"
 
-    # The final stage installs the wheels built in the first one, simulator included.
+    # The final stage installs what the first one built and fetched: the lock, with hashes,
+    # then the package itself, never a list of extras that could drift from pyproject.toml.
     assert "pip wheel" in " ".join(build.all("RUN"))
     assert f"from={build.name}" in runs or any(
         f"--from={build.name}" in copy for copy in final.all("COPY")
     )
-    assert "mobilepay-proxy[sandbox]" in runs
+    installs = [step for step in runs.split("&&") if "pip install" in step]
+    assert any(
+        "--require-hashes" in step and f"--requirement /wheels/{LOCK_FILE.name}" in step
+        for step in installs
+    ), "the runtime stage must install the lock, hashes checked"
+    assert any("--no-deps" in step and "mobilepay_proxy-" in step for step in installs)
+    assert "pip check" in runs, "the build must fail when the lock does not fit the package"
+    pip_steps = [step for stage in found for run in stage.all("RUN") for step in run.split("&&")]
+    extras = [step for step in pip_steps if "pip" in step and "[" in step]
+    assert not extras, f"extras drift from pyproject.toml: {extras}"
 
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     assert exec_form(final.last("ENTRYPOINT")) == ["mobilepay-proxy"]
     assert "mobilepay-proxy" in pyproject["project"]["scripts"]
-    assert "sandbox" in pyproject["project"]["optional-dependencies"]
     assert exec_form(final.last("CMD")) == compose.command("proxy")
     assert final.last("STOPSIGNAL") == "SIGTERM"
     assert "/healthz" in final.last("HEALTHCHECK")
     assert compose.mount_at("proxy", _config_target(compose)).read_only
+
+
+def _tool(name: str) -> str:
+    """A command-line tool from the dev extra, installed beside this Python."""
+    path = Path(sysconfig.get_path("scripts")) / name
+    if not path.exists():
+        pytest.fail(f"{name} is missing: pip install -e '.[dev]' installs it", pytrace=False)
+    return str(path)
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    result = subprocess.run(
+        [_tool("hadolint"), "--no-color", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    result = subprocess.run(
+        [_tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_redis_starts_under_its_hardening(compose: Compose) -> None:
+    redis = compose.service("redis")
+    assert redis["cap_drop"] == ["ALL"]
+    assert redis["read_only"] is True
+    # Started as root, the image needs SETUID and SETGID to drop to its own user; started as
+    # that user it needs none. Either way it must not run as root.
+    uid, _, gid = str(redis.get("user", "")).partition(":")
+    if uid:
+        assert uid.isdigit(), "a numeric uid, as the image defines it"
+        assert gid.isdigit(), "a numeric gid, as the image defines it"
+        assert int(uid) != 0
+        assert not redis.get("cap_add"), "running as its own user, Redis needs no capability"
+    else:
+        assert sorted(redis.get("cap_add", [])) == ["SETGID", "SETUID"]
+
+
+# -- The lock ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Locked:
+    name: str
+    version: str
+    marker: str | None
+    hashes: tuple[str, ...]
+    via: tuple[str, ...]
+
+
+def _lock() -> dict[str, Locked]:
+    """requirements.lock: each pin with its marker, hashes and the packages needing it."""
+    entries: dict[str, Locked] = {}
+    text = LOCK_FILE.read_text(encoding="utf-8")
+    for block in re.split(r"\n(?=\S)", text.split("\n", 2)[2].strip()):
+        head, *rest = block.splitlines()
+        requirement = Requirement(head.rstrip(" \\"))
+        (specifier,) = requirement.specifier
+        assert specifier.operator == "==", f"{head}: not pinned"
+        hashes = tuple(line.split("=", 1)[1].rstrip(" \\") for line in rest if "--hash=" in line)
+        via = tuple(
+            line.strip(" #").removeprefix("via").strip()
+            for line in rest
+            if line.strip().startswith("#") and line.strip(" #") not in ("via", "")
+        )
+        name = canonicalize_name(requirement.name)
+        entries[name] = Locked(
+            name,
+            specifier.version,
+            str(requirement.marker) if requirement.marker else None,
+            hashes,
+            via,
+        )
+    return entries
+
+
+def test_lock_matches_pyproject() -> None:
+    """The lock pins exactly what pyproject.toml depends on, at versions it allows.
+
+    Offline: a dependency added, removed or constrained out of the locked version in
+    pyproject.toml without `make lock` fails here.
+    """
+    lock = _lock()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    header = LOCK_FILE.read_text(encoding="utf-8").splitlines()[:2]
+    assert header[1].strip("# ") == "make lock", "written by `make lock`"
+    direct = {
+        canonicalize_name(Requirement(text).name): Requirement(text)
+        for text in project["dependencies"]
+    }
+    from_pyproject = f"{project['name']} (pyproject.toml)"
+    locked_direct = {name for name, entry in lock.items() if from_pyproject in entry.via}
+    assert locked_direct == set(direct), "run `make lock`: the dependencies changed"
+    for name, requirement in direct.items():
+        entry = lock[name]
+        assert requirement.specifier.contains(entry.version, prereleases=True), (
+            f"{name}=={entry.version} is outside {requirement.specifier}: run `make lock`"
+        )
+        wanted = str(requirement.marker) if requirement.marker else None
+        assert entry.marker == wanted, f"{name}: marker {entry.marker!r} is not {wanted!r}"
+    for entry in lock.values():
+        assert entry.hashes, f"{entry.name} has no hash"
+        assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in entry.hashes), entry.name
+        parents = {canonicalize_name(via.split(" ")[0]) for via in entry.via}
+        assert parents <= set(lock) | {canonicalize_name(project["name"])}, (
+            f"{entry.name} is needed by {parents - set(lock)}, which the lock does not hold"
+        )
+
+
+@pytest.mark.slow
+def test_make_lock_reproduces_the_lock(tmp_path: Path) -> None:
+    """Resolving again (from PyPI) writes the committed lock: it is up to date and stable."""
+    lock = tmp_path / LOCK_FILE.name
+    shutil.copy2(LOCK_FILE, lock)
+    scripts = Path(sysconfig.get_path("scripts"))
+    result = subprocess.run(
+        # The virtualenv running the tests stands in for make's own.
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            f"{scripts}/.installed",
+            "lock",
+            f"LOCK={lock}",
+            f"BIN={scripts}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert lock.read_text(encoding="utf-8") == LOCK_FILE.read_text(encoding="utf-8")
+
+
+def test_only_development_needs_an_extra() -> None:
+    """Every documented configuration runs on a plain install: extras are for working on it."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert set(project["optional-dependencies"]) == {"dev", "bench"}
+    runtime = {canonicalize_name(Requirement(text).name) for text in project["dependencies"]}
+    # The Redis token store, its AES-GCM and HKDF, and the simulator's RS256.
+    assert {"redis", "cryptography"} <= runtime
 
 
 def _dockerignore() -> list[tuple[bool, re.Pattern[str]]]:

@@ -140,6 +140,8 @@ class Build:
             workdir = PurePosixPath("/")
             environment = {
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+                # The image has no pip configuration; this machine's must not change the build.
+                "PIP_CONFIG_FILE": os.devnull,
                 **{name: os.environ[name] for name in NETWORK_ENVIRONMENT if name in os.environ},
                 **stage.environment(),
             }
