@@ -118,7 +118,6 @@ class Build:
     """The Dockerfile's stages run natively: one directory per stage's file system."""
 
     root: Path
-    log: list[str] = field(default_factory=list)
 
     def filesystem(self, stage: Stage, index: int) -> Path:
         return self.root / (stage.name or f"stage-{index}") / "fs"
@@ -207,7 +206,6 @@ class Build:
                 timeout=BUILD_SECONDS,
                 check=False,
             )
-            self.log.append(result.stdout + result.stderr)
             assert result.returncode == 0, (
                 f"RUN {step.strip()} failed ({result.returncode}):\n{result.stderr[-3000:]}"
             )
@@ -282,12 +280,12 @@ class Stack:
 
         return re.sub(pattern, mapped, text)
 
-    def word(self, service: str, word: str, ports: set[int], *, value: bool = True) -> str:
-        """A configuration value, or a command-line argument (``value``: an option's)."""
+    def word(self, service: str, word: str, ports: set[int], *, bare: bool = True) -> str:
+        """An argument or a value; ``bare``: one that may be a lone host name or port."""
         if word.startswith("--") and "=" in word:
             flag, _, option = word.partition("=")
             return f"{flag}={self.word(service, option, ports)}"
-        if not value:
+        if not bare:
             return self.text(service, word)
         if word in WILDCARD_HOSTS or word in self.compose.services:
             return LOOPBACK
@@ -306,7 +304,7 @@ class Stack:
         if isinstance(value, int) and key.endswith("port") and value in ports:
             return self.port(service, value)
         if isinstance(value, str):
-            return self.word(service, value, ports, value=key.endswith("host"))
+            return self.word(service, value, ports, bare=key.endswith("host"))
         return value
 
     def materialise(self, service: str, ports: set[int]) -> None:
@@ -364,7 +362,7 @@ class Stack:
     def arguments(self, service: str, argv: list[str], ports: set[int]) -> list[str]:
         """A command line: the program kept, each argument mapped."""
         words = [
-            self.word(service, word, ports, value=before.startswith("-"))
+            self.word(service, word, ports, bare=before.startswith("-"))
             for before, word in itertools.pairwise(argv)
         ]
         return [argv[0], *words]
