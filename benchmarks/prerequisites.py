@@ -15,7 +15,7 @@ from pathlib import Path
 # command -> Debian package
 TOOLS = {"nginx": "nginx", "wrk": "wrk", "hey": "hey"}
 # import name of each module the `bench` extra provides
-MODULES = ("cryptography", "matplotlib")
+MODULES = ("matplotlib",)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
