@@ -6,6 +6,7 @@ The terminal-facing listener is :mod:`proxy.edge`; it calls :func:`proxy_handler
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -88,10 +89,20 @@ def validate(config: Config) -> None:
     """Refuse, as ConfigError, what start-up would refuse beyond the file itself.
 
     Every command checks this after loading the file, ``check-config`` included, so a file
-    it accepts starts. Nothing here connects anywhere: an unreachable Redis is not a
+    it accepts starts. Listening addresses are resolved, as listening would; nothing here
+    connects anywhere or listens: an unreachable Redis is not a
     configuration error (the proxy runs without it, see proxy.tokens.shared), and a port in
     use is a property of the machine, reported when the proxy starts.
     """
+    server = config.server
+    for key, host in (("host", server.host), ("metrics_host", server.metrics_host)):
+        # What listening resolves first; a name that does not resolve can never be listened on.
+        try:
+            socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:
+            raise ConfigError(
+                f"[server] {key}: cannot listen on {host!r}: {exc.strerror or exc}"
+            ) from None
     mobilepay = config.mobilepay
     try:
         tls_context(mobilepay)

@@ -6,6 +6,7 @@ environment, never a function call that could take a different path.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -42,39 +44,33 @@ def _free_port() -> int:
         return port
 
 
-def _write(
-    directory: Path,
-    ca_file: Path,
-    *,
-    metrics_port: int = 0,
-    api: str = "https://127.0.0.1:1",
-    extra: str = "",
-) -> Path:
+def _write(directory: Path, ca_file: Path, settings: Mapping[str, object]) -> Path:
+    """A configuration for a proxy on loopback; ``settings`` ("table.key": value) on top."""
     (directory / "client_secret.txt").write_text(CLIENT_SECRET + "\n", encoding="utf-8")
-    config = directory / "proxy.toml"
-    config.write_text(
-        f"""
-[server]
-host = "127.0.0.1"
-port = 0
-metrics_host = "127.0.0.1"
-metrics_port = {metrics_port}
-drain_timeout_seconds = 1
-
-[mobilepay]
-api_base_url = "{api}"
-token_url = "https://127.0.0.1:1/integrator-authentication/connect/token"
-ca_file = "{ca_file}"
-client_id = "{CLIENT_ID}"
-client_secret_file = "client_secret.txt"
-ibm_client_id = "{IBM_CLIENT_ID}"
-
-[routing.merchants]
-"store-001" = "DK10000001"
-{extra}
-""",
-        encoding="utf-8",
+    tables: dict[str, dict[str, object]] = {
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1"},
+        "mobilepay": {
+            "api_base_url": "https://127.0.0.1:1",
+            "token_url": "https://127.0.0.1:1/integrator-authentication/connect/token",
+            "ca_file": str(ca_file),
+            "client_id": CLIENT_ID,
+            "client_secret_file": "client_secret.txt",
+            "ibm_client_id": IBM_CLIENT_ID,
+        },
+        "tokens": {},
+        "routing.merchants": {'"store-001"': "DK10000001"},
+    }
+    tables["server"].update(metrics_port=0, drain_timeout_seconds=1)
+    for name, value in settings.items():
+        table, _, key = name.rpartition(".")
+        tables[table][key] = value
+    # JSON's strings and numbers are TOML's too.
+    text = "".join(
+        f"[{table}]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
+        for table, keys in tables.items()
     )
+    config = directory / "proxy.toml"
+    config.write_text(text, encoding="utf-8")
     return config
 
 
@@ -95,56 +91,64 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
         pytest.fail(f"mobilepay-proxy {' '.join(args)} started instead of refusing:\n{output}")
 
 
-GOOD_API = "https://127.0.0.1:1"
 # A CA file that exists but holds no certificate.
 NOT_A_CA = "this is not a certificate\n"
 
 
 @pytest.mark.parametrize(
-    ("api", "store", "ca_text", "expected"),
+    ("settings", "ca_text", "expected"),
     [
-        pytest.param(GOOD_API, None, NOT_A_CA, "holds no PEM CA certificate", id="ca-not-pem"),
+        pytest.param({}, NOT_A_CA, "holds no PEM CA certificate", id="ca-not-pem"),
         pytest.param(
-            "https://127.0.0.1:port",
+            {"server.host": "0.0.0.O"}, None, "[server] host: cannot listen on", id="bad-host"
+        ),
+        pytest.param(
+            {"server.metrics_host": "localhost.invalid"},
             None,
+            "[server] metrics_host: cannot listen on",
+            id="bad-metrics-host",
+        ),
+        pytest.param(
+            {"mobilepay.api_base_url": "https://127.0.0.1:port"},
             None,
             "[mobilepay] api_base_url is not a valid URL",
             id="api-bad-port",
         ),
         pytest.param(
-            GOOD_API,
-            "redis://127.0.0.1:6379/0?socket_timeout=soon",
+            {"tokens.store": "redis://127.0.0.1:6379/0?socket_timeout=soon"},
             None,
             "[tokens] store: Invalid value for 'socket_timeout'",
             id="redis-bad-option-value",
         ),
         pytest.param(
-            GOOD_API,
-            "redis://127.0.0.1:6379/0?sockettimeout=1",
+            {"tokens.store": "redis://127.0.0.1:6379/0?sockettimeout=1"},
             None,
             "names an option the Redis client does not know",
             id="redis-unknown-option",
         ),
         pytest.param(
-            GOOD_API,
-            "rediss://127.0.0.1:6379/0?ssl_cert_reqs=sometimes",
+            {"tokens.store": "rediss://127.0.0.1:6379/0?ssl_cert_reqs=sometimes"},
             None,
             "Invalid SSL Certificate Requirements Flag",
             id="rediss-bad-cert-reqs",
         ),
         pytest.param(
-            GOOD_API,
-            "redis://127.0.0.1:port/0",
+            {"tokens.store": "redis://127.0.0.1:port/0"},
             None,
             "[tokens] store is not a valid URL",
             id="redis-bad-port",
         ),
         pytest.param(
-            GOOD_API,
-            "redis://127.0.0.1:6379/zero",
+            {"tokens.store": "redis://127.0.0.1:6379/zero"},
             None,
             "[tokens] store: the database must be a number",
             id="redis-bad-database",
+        ),
+        pytest.param(
+            {"mobilepay.client_secret_file": "absent.txt"},
+            None,
+            "[mobilepay] client_secret_file: cannot read",
+            id="secret-file-missing",
         ),
     ],
 )
@@ -152,17 +156,15 @@ def test_check_config_refuses_what_start_up_refuses(
     tmp_path: Path,
     ca_file: Path,
     exposure: Exposure,
-    api: str,
-    store: str | None,
+    settings: dict[str, object],
     ca_text: str | None,
     expected: str,
 ) -> None:
-    extra = f'\n[tokens]\nstore = "{store}"\n' if store is not None else ""
     ca = ca_file
     if ca_text is not None:
         ca = tmp_path / "ca.pem"
         ca.write_text(ca_text, encoding="utf-8")
-    config = _write(tmp_path, ca, api=api, extra=extra)
+    config = _write(tmp_path, ca, settings)
     started = _run("--config", str(config))
     checked = _run("check-config", "--config", str(config))
     for result in (started, checked):
@@ -180,8 +182,7 @@ def test_a_file_check_config_accepts_starts(
     config = _write(
         tmp_path,
         ca_file,
-        metrics_port=metrics_port,
-        extra=f'\n[tokens]\nstore = "{redis_server.url}"\n',
+        {"server.metrics_port": metrics_port, "tokens.store": redis_server.url},
     )
     checked = _run("check-config", "--config", str(config))
     exposure.texts.append(checked.stdout + checked.stderr)
