@@ -55,6 +55,8 @@ LOOPBACK = "127.0.0.1"
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 # Inside a container these name the container itself.
 OWN_HOSTS = frozenset({"127.0.0.1", "localhost"})
+# As in the README: docker compose --profile demo up.
+PROFILES = frozenset({"demo"})
 # Not run here: Grafana needs its own server; test_deployment.py checks its provisioning.
 NOT_RUN = frozenset({"grafana"})
 # What the Dockerfile's RUN commands may call: run with paths mapped, or skipped because
@@ -62,7 +64,15 @@ NOT_RUN = frozenset({"grafana"})
 RUNNABLE = frozenset({"pip", "python", "cp", "mkdir"})
 ENGINE_ONLY = frozenset({"groupadd", "useradd", "chown"})
 # The host environment a build step may keep: how this machine reaches the package index.
-NETWORK_ENVIRONMENT = ("PIP_CERT", "PIP_DEFAULT_TIMEOUT", "SSL_CERT_FILE", "HTTPS_PROXY")
+NETWORK_ENVIRONMENT = (
+    "PIP_CERT",
+    "PIP_DEFAULT_TIMEOUT",
+    "SSL_CERT_FILE",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+)
 BUILD_SECONDS = 600
 START_SECONDS = 60.0
 DEMO_SECONDS = 120.0
@@ -380,7 +390,7 @@ class Stack:
         return environment
 
 
-_TOML_ASSIGNMENT = re.compile(r"^(?P<key>\s*[A-Za-z0-9_\"'.-]+\s*=\s*)(?P<rest>.*)$")
+_TOML_ASSIGNMENT = re.compile(r"^(?P<key>\s*[A-Za-z0-9_\"'.-]+\s*=\s*)")
 
 
 def _rewrite_toml(text: str, mapped: Callable[[str, Any], Any]) -> str:
@@ -437,8 +447,9 @@ def _start_order(compose: Compose) -> list[str]:
                 visit(dependency, (*path, name))
         order.append(name)
 
-    for name in compose.services:
-        if name not in NOT_RUN:
+    for name, service in compose.services.items():
+        profiles = set(service.get("profiles", []))
+        if name not in NOT_RUN and (not profiles or profiles & PROFILES):
             visit(name, ())
     return order
 
