@@ -186,7 +186,14 @@ class TokenManager:
         seconds = self._config.unauthorized_cooldown_seconds
         state = self._state(token.vat)
         now = self._clock()
-        if seconds <= 0 or now < state.unauthorized_until:
+        if seconds <= 0:
+            log.warning(
+                "MobilePay refused a fresh token %s for merchant %s too; relaying its 401",
+                token.fingerprint,
+                token.vat,
+            )
+            return
+        if now < state.unauthorized_until:
             return
         state.unauthorized_until = now + seconds
         log.warning(
