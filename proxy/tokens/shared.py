@@ -83,6 +83,8 @@ return 1
 REJECTED_MEMORY_MS = 25 * 3600 * 1000
 # How long, after a failure, the store is left alone before it is tried again.
 RETRY_AFTER_FAILURE_SECONDS = 1.0
+# How long the listener waits for an event before it looks whether to stop or re-subscribe.
+LISTEN_SECONDS = 1.0
 # Commands are few (per-merchant single flight), so a small pool suffices.
 MAX_CONNECTIONS = 16
 
@@ -125,7 +127,7 @@ class RedisTokenStore:
         self._down_since: float | None = None
         self._listener: Listener | None = None
         self._task: asyncio.Task[None] | None = None
-        self._retired: list[asyncio.Task[None]] = []
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"RedisTokenStore(prefix={self._prefix!r})"
@@ -140,12 +142,8 @@ class RedisTokenStore:
         Nothing stored under the old credentials is read again, and the old secret cannot
         decrypt what is stored from now on.
         """
+        # The listener notices the new channel within a second and subscribes to it.
         self._use_credentials(client_id, client_secret)
-        if self._task is not None:
-            # Listen on the new credentials' channel.
-            self._task.cancel()
-            self._retired.append(self._task)
-            self._task = asyncio.get_running_loop().create_task(self._listen())
 
     def _use_credentials(self, client_id: str, client_secret: str) -> None:
         client = hashlib.sha256(client_id.encode()).hexdigest()[:16]
@@ -154,9 +152,12 @@ class RedisTokenStore:
         self._aead = AESGCM(derive_key(client_id, client_secret))
 
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, *self._retired, return_exceptions=True)
+            # The listener also stops by itself within a second, should a cancellation be
+            # lost inside the Redis client.
+            await asyncio.wait([self._task], timeout=LISTEN_SECONDS + 1)
         await self._redis.aclose()
         await self._pool.disconnect()
         await self._events.aclose()
@@ -285,13 +286,15 @@ class RedisTokenStore:
             self._metrics.token_store_up.set(1)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 async with self._events.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._channel)
+                    channel = self._channel
+                    await pubsub.subscribe(channel)
                     self._mark_up()
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
+                    # Until closed, or re-keyed: then the new credentials' channel.
+                    while channel == self._channel and not self._closing:
+                        message = await pubsub.get_message(timeout=LISTEN_SECONDS)
                         if message is not None:
                             self._dispatch(message.get("data"))
                         elif self._down_since is not None:
