@@ -412,3 +412,30 @@ async def test_an_absurd_jwt_exp_is_ignored(
         entries = (await response.json())["tokens"]
     (held,) = [entry for entry in entries if entry["valid"]]
     assert 500 < held["expires_in_seconds"] <= 600
+
+
+@pytest.fixture
+async def superscript_length_upstream(server_tls: ssl.SSLContext) -> AsyncIterator[str]:
+    """A PoS upstream answering with ``Content-Length: ²`` (a digit to str.isdigit)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_tls)
+    yield f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server.close()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2):
+            await server.wait_closed()
+
+
+async def test_a_non_ascii_content_length_from_mobilepay_is_a_bad_response(
+    start_proxy: Callable[..., Awaitable[RunningProxy]], superscript_length_upstream: str
+) -> None:
+    proxy = await start_proxy(mobilepay={"api_base_url": superscript_length_upstream})
+    status, headers, _ = await proxy.request("GET", "/pos/v10/payments/1")
+    assert (status, headers["X-Proxy-Error"]) == (502, "upstream_bad_response")
