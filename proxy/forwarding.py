@@ -122,15 +122,14 @@ class Forwarder:
         token = await self._tokens.get(merchant.vat)
         outcome.token = token.fingerprint
         upstream = await self._attempt(request, outcome, merchant, token, url, body)
-        if upstream.status == 401:
-            if self._tokens.unauthorized_cooldown(merchant.vat):
-                # A fresh token was refused too, moments ago: another fetch would not help
-                # and costs the one credential every merchant shares.
-                self._metrics.upstream_401_retries.labels("cooldown").inc()
-            else:
-                upstream = await self._replay_after_401(
-                    request, outcome, merchant, token, url, body
-                )
+        if upstream.status != 401:
+            self._tokens.accepted(token)
+        elif self._tokens.unauthorized_cooldown(merchant.vat):
+            # A fresh token was refused too, moments ago: another fetch would not help and
+            # costs the one credential every merchant shares.
+            self._metrics.upstream_401_retries.labels("cooldown").inc()
+        else:
+            upstream = await self._replay_after_401(request, outcome, merchant, token, url, body)
         return Reply(
             upstream.status, upstream.reason, response_headers(upstream.headers), upstream.body
         )
@@ -155,6 +154,8 @@ class Forwarder:
         self._metrics.upstream_401_retries.labels(result).inc()
         if upstream.status == 401:
             self._tokens.start_unauthorized_cooldown(token)
+        else:
+            self._tokens.accepted(token)
         return upstream
 
     async def _attempt(

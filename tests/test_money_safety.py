@@ -439,3 +439,29 @@ async def test_a_non_ascii_content_length_from_mobilepay_is_a_bad_response(
     proxy = await start_proxy(mobilepay={"api_base_url": superscript_length_upstream})
     status, headers, _ = await proxy.request("GET", "/pos/v10/payments/1")
     assert (status, headers["X-Proxy-Error"]) == (502, "upstream_bad_response")
+
+
+async def test_a_passing_refusal_of_an_accepted_token_starts_no_cooldown(
+    proxy: RunningProxy, pos_server: PosServer, token_server: TokenServer
+) -> None:
+    refusals = [0]
+
+    async def refuse_twice_then_answer(request: web.Request, body: bytes) -> web.StreamResponse:
+        # The second and third calls are refused (the first token, then its replacement).
+        refusals[0] += 1
+        if refusals[0] in (2, 3):
+            return web.Response(status=401)
+        return web.json_response({"ok": True})
+
+    pos_server.handler = refuse_twice_then_answer
+    assert (await proxy.request("GET", "/pos/v10/payments/1"))[0] == 200
+    assert (await proxy.request("GET", "/pos/v10/payments/2"))[0] == 401
+    # The replacement was refused once but is accepted now: that ends the cool-down ...
+    assert (await proxy.request("GET", "/pos/v10/payments/3"))[0] == 200
+    pos_server.handler = None
+    pos_server.rejected.add(token_server.issued[1])
+    # ... so its next refusal forces a refresh instead of being relayed.
+    assert (await proxy.request("GET", "/pos/v10/payments/4"))[0] == 200
+    assert token_server.count() == 3
+    retries = "mobilepay_proxy_upstream_401_retries_total"
+    assert proxy.sample(retries, {"result": "cooldown"}) == 0

@@ -54,6 +54,8 @@ class _MerchantState:
     reported_rejected: int = 0
     # The newest generation MobilePay refused, here or at another copy: never adopted again.
     rejected: int = 0
+    # The newest generation MobilePay answered with anything but 401.
+    accepted: int = 0
     # Until then MobilePay's 401s are relayed without fetching (a fresh token was refused).
     unauthorized_until: float = 0.0
     abandoned: str | None = None
@@ -177,15 +179,28 @@ class TokenManager:
         state = self._states.get(vat)
         return state is not None and self._clock() < state.unauthorized_until
 
+    def accepted(self, token: Token) -> None:
+        """MobilePay answered a request made with ``token`` with something other than 401.
+
+        A token MobilePay has accepted is not one it refuses: a cool-down it started ends.
+        """
+        state = self._states.get(token.vat)
+        if state is not None and token.generation > state.accepted:
+            state.accepted = token.generation
+            state.unauthorized_until = 0.0
+
     def start_unauthorized_cooldown(self, token: Token) -> None:
         """MobilePay refused ``token``, itself a replacement for a refused one.
 
-        Fetching again would not help and costs the credential every merchant shares, so for
+        Unless MobilePay has accepted that token before (a passing refusal), fetching again
+        would not help and costs the credential every merchant shares: for
         ``unauthorized_cooldown_seconds`` MobilePay's 401s are relayed without a new fetch.
         """
         seconds = self._config.unauthorized_cooldown_seconds
         state = self._state(token.vat)
         now = self._clock()
+        if state.accepted >= token.generation:
+            return
         if seconds <= 0:
             log.warning(
                 "MobilePay refused a fresh token %s for merchant %s too; relaying its 401",
