@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from proxy.config import ConfigError, parse_config
-from tests.conftest import config_data
+from tests.conftest import Exposure, config_data
 
 FLOAT_SETTINGS = [
     ("server", "drain_timeout_seconds"),
@@ -75,7 +75,9 @@ def test_the_metrics_port_listens_on_loopback_unless_told_otherwise(tmp_path: Pa
     assert parse_config(data, base_dir=tmp_path, environ={}).server.metrics_host == "127.0.0.1"
 
 
-def test_check_config_shows_the_metrics_port_on_loopback_by_default(tmp_path: Path) -> None:
+def test_check_config_shows_the_metrics_port_on_loopback_by_default(
+    tmp_path: Path, exposure: Exposure
+) -> None:
     config = tmp_path / "proxy.toml"
     config.write_text(
         '[mobilepay]\nclient_id = "id"\nclient_secret = "s"\nibm_client_id = "i"\n'
@@ -89,5 +91,6 @@ def test_check_config_shows_the_metrics_port_on_loopback_by_default(tmp_path: Pa
         env={"PATH": "/usr/bin:/bin"},
         check=False,
     )
+    exposure.texts += [result.stdout, result.stderr]
     assert result.returncode == 0, result.stderr
     assert "metrics:          127.0.0.1:9180" in result.stdout
