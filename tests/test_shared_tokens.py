@@ -195,13 +195,14 @@ async def test_tokens_are_encrypted_at_rest_with_their_remaining_life(
     key = f"mobilepay-proxy:{hashlib.sha256(CLIENT_ID.encode()).hexdigest()[:16]}:{vat}"
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        keys = [key async for key in client.scan_iter("mobilepay-proxy:*")]
-        dump = b"".join([await client.get(k) or b"" for k in keys if not k.endswith(b"lock")])
+        keys = [name async for name in client.scan_iter("mobilepay-proxy:*")]
+        values = [await client.get(k) for k in keys if not k.endswith(b"lock")]
+        dump = b"".join(value for value in values if isinstance(value, bytes))
         blob = await client.get(key)
         ttl = await client.pttl(key)
     finally:
         await client.aclose()
-    assert blob is not None
+    assert isinstance(blob, bytes)
     # Only the key derived from the client secret opens it, and only under its own name.
     entry = json.loads(open_sealed(derive_key(CLIENT_ID, CLIENT_SECRET), key, blob))
     assert entry["value"] == token
@@ -282,7 +283,7 @@ async def test_rotated_credentials_rekey_the_shared_store(
         blob = await client.get(new_key)
     finally:
         await client.aclose()
-    assert blob is not None
+    assert isinstance(blob, bytes)
     plain = open_sealed(derive_key(ROTATED_ID, ROTATED_SECRET), new_key, blob)
     assert json.loads(plain)["value"] == token_server.issued[1]
     # The rotated-away secret cannot read what was written after the rotation.
