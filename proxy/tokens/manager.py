@@ -135,7 +135,7 @@ class TokenManager:
         ):
             return current
         if state.inflight is not None:
-            return await self._wait(vat, state, state.inflight, "forced")
+            return await self._wait(vat, state, state.inflight)
         # New requests must not pick up a token MobilePay has just refused.
         self._store.discard(vat, rejected.generation)
         return await self._shared_fetch(vat, "forced", rejected.generation)
@@ -290,14 +290,13 @@ class TokenManager:
                 )
             self._start(vat, state, reason, rejected)
         assert state.inflight is not None
-        return await self._wait(vat, state, state.inflight, reason, again=again)
+        return await self._wait(vat, state, state.inflight, again=again)
 
     async def _wait(
         self,
         vat: str,
         state: _MerchantState,
         task: asyncio.Task[Token],
-        reason: str,
         *,
         again: bool = True,
     ) -> Token:
@@ -313,7 +312,7 @@ class TokenManager:
             # The merchant is still served, with new credentials: wait for their token once.
             return await self._shared_fetch(vat, "initial", again=False)
         if state.abandoned == MERCHANT_REMOVED:
-            message = "The merchant was removed from the configuration; try again."
+            message = "The merchant was removed from the proxy's configuration."
         elif state.abandoned == SHUTTING_DOWN:
             message = "The proxy is shutting down."
         else:
