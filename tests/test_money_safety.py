@@ -162,6 +162,7 @@ async def test_shutdown_mid_fetch_answers_the_waiting_requests(
 # 3. The backoff does not overflow.
 
 
+@pytest.mark.slow  # about 2 s
 async def test_backoff_survives_thousands_of_consecutive_failures(
     token_server: TokenServer, pos_server: PosServer, ca_file: Path
 ) -> None:
@@ -303,6 +304,7 @@ async def test_after_the_cooldown_one_forced_refresh_is_tried_again(
 # 9. Nothing an unauthenticated request sends grows state.
 
 
+@pytest.mark.slow  # about 2 s
 async def test_unauthenticated_requests_with_long_targets_leave_no_state(
     proxy: RunningProxy,
 ) -> None:
