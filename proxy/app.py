@@ -146,7 +146,8 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
 
     Requests already in flight keep the forwarder (and so the merchant map) they started
     with; new requests get the new one. Merchants that left the map lose their tokens;
-    new credentials drop every token.
+    new credentials drop every token and re-key the shared store. A request waiting for a
+    token fetch that a reload abandons still gets an answer (see TokenManager).
     """
     old, tokens, session = state.config, state.tokens, state.session
     if tokens is None or session is None:
@@ -163,7 +164,7 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
         fetcher = TokenFetcher(session, new.mobilepay, new.tokens.timeout_seconds)
         tokens.reconfigure(fetcher, new.tokens)
     if _credentials(new) != _credentials(old):
-        tokens.forget_all()
+        tokens.rotate_credentials(new.mobilepay.client_id, new.mobilepay.client_secret)
     else:
         kept = {merchant.vat for merchant in new.routing.merchants.values()}
         for merchant in old.routing.merchants.values():

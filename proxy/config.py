@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ ENV_CLIENT_ID = "MOBILEPAY_CLIENT_ID"
 ENV_CLIENT_SECRET = "MOBILEPAY_CLIENT_SECRET"
 ENV_IBM_CLIENT_ID = "MOBILEPAY_IBM_CLIENT_ID"
 ENV_REDIS_PASSWORD = "MOBILEPAY_PROXY_REDIS_PASSWORD"
+# How much longer than a token fetch (and its Redis calls) the refresh lock must live.
+LOCK_MARGIN_SECONDS = 0.5
 # Headers only the proxy may set; a routing header with one of these names
 # would let a terminal pick a merchant by forging a credential header.
 _RESERVED_ROUTING_HEADERS = frozenset(
@@ -71,7 +74,8 @@ class Merchant:
 class ServerConfig:
     host: str = "0.0.0.0"
     port: int = 8080
-    metrics_host: str = "0.0.0.0"
+    # /readyz lists every merchant VAT and token fingerprint: loopback unless told otherwise.
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = 9180
     drain_timeout_seconds: float = 30.0
     max_body_bytes: int = 1024 * 1024
@@ -111,6 +115,7 @@ class TokenConfig:
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 60.0
     unready_after_seconds: float = 120.0
+    unauthorized_cooldown_seconds: float = 60.0
     store: RedisStoreConfig | None = None
 
 
@@ -121,7 +126,7 @@ class RedisStoreConfig:
     url: str = field(repr=False)  # may carry a password
     password: str | None = field(repr=False, default=None)
     prefix: str = "mobilepay-proxy"
-    lock_seconds: float = 10.0
+    lock_seconds: float = 15.0
     timeout_seconds: float = 0.5
 
 
@@ -199,14 +204,19 @@ class _Table:
             raise ConfigError(f"{self._where(key)} must be a non-empty string")
         return value.strip()
 
-    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+    def number(
+        self, key: str, default: float, *, minimum: float = 0.0, maximum: float = 86400.0
+    ) -> float:
+        """A finite number from ``minimum`` to ``maximum`` (TOML also allows nan and inf)."""
         value = self.raw(key)
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{self._where(key)} must be a number, not {value!r}")
-        if value < minimum:
-            raise ConfigError(f"{self._where(key)} must be at least {minimum}, not {value}")
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            raise ConfigError(
+                f"{self._where(key)} must be a number from {minimum:g} to {maximum:g}, not {value}"
+            )
         return float(value)
 
     def integer(
@@ -278,20 +288,28 @@ def _parse_server(table: _Table) -> ServerConfig:
         port=_port(table, "port", defaults.port),
         metrics_host=table.string("metrics_host", defaults.metrics_host) or defaults.metrics_host,
         metrics_port=_port(table, "metrics_port", defaults.metrics_port),
-        drain_timeout_seconds=table.number("drain_timeout_seconds", defaults.drain_timeout_seconds),
-        max_body_bytes=table.integer("max_body_bytes", defaults.max_body_bytes, minimum=0),
+        drain_timeout_seconds=table.number(
+            "drain_timeout_seconds", defaults.drain_timeout_seconds, maximum=3600
+        ),
+        max_body_bytes=table.integer(
+            "max_body_bytes", defaults.max_body_bytes, minimum=0, maximum=64 * 1024 * 1024
+        ),
         body_timeout_seconds=table.number(
-            "body_timeout_seconds", defaults.body_timeout_seconds, minimum=0.01
+            "body_timeout_seconds", defaults.body_timeout_seconds, minimum=0.01, maximum=3600
         ),
         header_timeout_seconds=table.number(
-            "header_timeout_seconds", defaults.header_timeout_seconds, minimum=0.01
+            "header_timeout_seconds", defaults.header_timeout_seconds, minimum=0.01, maximum=3600
         ),
         keepalive_timeout_seconds=table.number(
-            "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds
+            "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds, maximum=3600
         ),
-        max_line_size=table.integer("max_line_size", defaults.max_line_size, minimum=256),
-        max_field_size=table.integer("max_field_size", defaults.max_field_size, minimum=256),
-        max_headers=table.integer("max_headers", defaults.max_headers, minimum=8),
+        max_line_size=table.integer(
+            "max_line_size", defaults.max_line_size, minimum=256, maximum=65536
+        ),
+        max_field_size=table.integer(
+            "max_field_size", defaults.max_field_size, minimum=256, maximum=65536
+        ),
+        max_headers=table.integer("max_headers", defaults.max_headers, minimum=8, maximum=1000),
         workers=table.integer("workers", defaults.workers, minimum=1, maximum=64),
     )
     table.finish()
@@ -377,12 +395,16 @@ def _parse_upstream(table: _Table) -> UpstreamConfig:
     defaults = UpstreamConfig()
     config = UpstreamConfig(
         connect_timeout_seconds=table.number(
-            "connect_timeout_seconds", defaults.connect_timeout_seconds, minimum=0.01
+            "connect_timeout_seconds", defaults.connect_timeout_seconds, minimum=0.01, maximum=600
         ),
-        timeout_seconds=table.number("timeout_seconds", defaults.timeout_seconds, minimum=0.01),
-        max_connections=table.integer("max_connections", defaults.max_connections, minimum=1),
+        timeout_seconds=table.number(
+            "timeout_seconds", defaults.timeout_seconds, minimum=0.01, maximum=600
+        ),
+        max_connections=table.integer(
+            "max_connections", defaults.max_connections, minimum=1, maximum=10000
+        ),
         keepalive_timeout_seconds=table.number(
-            "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds
+            "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds, maximum=3600
         ),
     )
     table.finish()
@@ -395,19 +417,34 @@ def _parse_tokens(table: _Table, base_dir: Path, environ: Mapping[str, str]) -> 
     config = TokenConfig(
         refresh_ahead_seconds=table.number("refresh_ahead_seconds", defaults.refresh_ahead_seconds),
         expiry_margin_seconds=table.number("expiry_margin_seconds", defaults.expiry_margin_seconds),
-        timeout_seconds=table.number("timeout_seconds", defaults.timeout_seconds, minimum=0.01),
+        timeout_seconds=table.number(
+            "timeout_seconds", defaults.timeout_seconds, minimum=0.01, maximum=600
+        ),
         backoff_initial_seconds=table.number(
-            "backoff_initial_seconds", defaults.backoff_initial_seconds, minimum=0.01
+            "backoff_initial_seconds", defaults.backoff_initial_seconds, minimum=0.01, maximum=3600
         ),
         backoff_max_seconds=table.number(
-            "backoff_max_seconds", defaults.backoff_max_seconds, minimum=0.01
+            "backoff_max_seconds", defaults.backoff_max_seconds, minimum=0.01, maximum=3600
         ),
         unready_after_seconds=table.number("unready_after_seconds", defaults.unready_after_seconds),
+        unauthorized_cooldown_seconds=table.number(
+            "unauthorized_cooldown_seconds", defaults.unauthorized_cooldown_seconds, maximum=3600
+        ),
         store=store,
     )
     table.finish()
     if config.backoff_max_seconds < config.backoff_initial_seconds:
         raise ConfigError("[tokens] backoff_max_seconds must not be below backoff_initial_seconds")
+    if store is not None:
+        # The lock holder loads, counts a generation, fetches and saves: the lock must
+        # outlive all of it, or another copy fetches too and the older token may win.
+        needed = config.timeout_seconds + 3 * store.timeout_seconds + LOCK_MARGIN_SECONDS
+        if store.lock_seconds <= needed:
+            raise ConfigError(
+                f"[tokens] redis_lock_seconds ({store.lock_seconds:g}) must exceed "
+                f"timeout_seconds + 3 x redis_timeout_seconds + {LOCK_MARGIN_SECONDS:g} s "
+                f"({needed:g}), so the refresh lock outlives a token fetch"
+            )
     return config
 
 
@@ -417,8 +454,13 @@ def _parse_store(
     store = table.string("store", "memory") or "memory"
     password_file = table.string("redis_password_file")
     prefix = table.string("redis_prefix", "mobilepay-proxy") or "mobilepay-proxy"
-    lock_seconds = table.number("redis_lock_seconds", 10.0, minimum=0.1)
-    timeout_seconds = table.number("redis_timeout_seconds", 0.5, minimum=0.01)
+    defaults = RedisStoreConfig(url="")
+    lock_seconds = table.number(
+        "redis_lock_seconds", defaults.lock_seconds, minimum=0.1, maximum=3600
+    )
+    timeout_seconds = table.number(
+        "redis_timeout_seconds", defaults.timeout_seconds, minimum=0.01, maximum=60
+    )
     if store == "memory":
         return None
     url = _url(store, "[tokens] store")

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Config, Merchant
@@ -33,7 +34,12 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("proxy.access")
 
 IDEMPOTENCY_HEADER = "X-MobilePay-Idempotency-Key"
+# Accepted targets remembered with their upstream URL and route. Only targets of requests
+# that named a known merchant are remembered, and the memory is bounded by bytes: nothing
+# an unauthenticated terminal sends may grow the proxy's state.
 TARGET_CACHE_SIZE = 4096
+TARGET_CACHE_BYTES = 4 * 1024 * 1024
+TARGET_CACHE_MAX_TARGET = 1024
 
 
 @dataclass(slots=True)
@@ -65,6 +71,7 @@ class Forwarder:
         self._base = str(config.mobilepay.api_base_url).rstrip("/")
         self._ibm_client_id = config.mobilepay.ibm_client_id
         self._targets: dict[str, tuple[URL, str]] = {}
+        self._targets_bytes = 0
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
 
@@ -102,18 +109,26 @@ class Forwarder:
             raise MethodNotAllowed(allowed=ALLOWED_HEADER)
         if "Upgrade" in request.headers:
             raise UnsupportedUpgrade()
-        url, outcome.route = self._resolve_target(request.target)
+        url, outcome.route, known = self._resolve_target(request.target)
         merchant = resolve_merchant(
             request.headers, self._config.routing.header, self._config.routing.merchants
         )
         outcome.merchant = merchant.key
         check_source(merchant, request.remote)
+        if not known:
+            self._remember_target(request.target, url, outcome.route)
         body = await request.read_body(self._max_body, self._body_timeout)
 
         token = await self._tokens.get(merchant.vat)
         outcome.token = token.fingerprint
         upstream = await self._attempt(request, outcome, merchant, token, url, body)
-        if upstream.status == 401:
+        if upstream.status != 401:
+            self._tokens.accepted(token)
+        elif self._tokens.unauthorized_cooldown(merchant.vat):
+            # A fresh token was refused too, moments ago: another fetch would not help and
+            # costs the one credential every merchant shares.
+            self._metrics.upstream_401_retries.labels("cooldown").inc()
+        else:
             upstream = await self._replay_after_401(request, outcome, merchant, token, url, body)
         return Reply(
             upstream.status, upstream.reason, response_headers(upstream.headers), upstream.body
@@ -138,11 +153,9 @@ class Forwarder:
         result = "unauthorized" if upstream.status == 401 else "success"
         self._metrics.upstream_401_retries.labels(result).inc()
         if upstream.status == 401:
-            log.warning(
-                "MobilePay rejected a fresh token %s for merchant %s; relaying its 401",
-                token.fingerprint,
-                merchant.vat,
-            )
+            self._tokens.start_unauthorized_cooldown(token)
+        else:
+            self._tokens.accepted(token)
         return upstream
 
     async def _attempt(
@@ -170,7 +183,8 @@ class Forwarder:
             try:
                 return await self._upstream.send(method, url, headers, body)
             except RetryableFailure as failure:
-                if attempt == 2 or not _safe_to_resend(request):
+                # Decided on what was sent: a key the hygiene dropped is no key.
+                if attempt == 2 or not _safe_to_resend(method, headers):
                     raise failure.error from None
                 self._metrics.upstream_retries.labels(method).inc()
             finally:
@@ -179,30 +193,43 @@ class Forwarder:
                 )
         raise AssertionError("unreachable")
 
-    def _resolve_target(self, raw_target: str) -> tuple[URL, str]:
-        """The upstream URL and route template for an allowed target; raises for the rest.
+    def _resolve_target(self, raw_target: str) -> tuple[URL, str, bool]:
+        """The upstream URL and route template for an allowed target, and whether it was
+        remembered; raises for the rest.
 
         Terminals poll the same few targets over and over, so accepted ones are remembered
-        (the cache is bounded by starting afresh when full).
+        once the request names a known merchant (see :meth:`_remember_target`).
         """
         resolved = self._targets.get(raw_target)
-        if resolved is None:
-            target = parse_target(raw_target)
-            check_prefix(target.path, self._config.routing.allowed_prefixes)
-            raw = self._base + target.path
-            if target.query:
-                raw += "?" + target.query
-            if len(self._targets) >= TARGET_CACHE_SIZE:
-                self._targets.clear()
-            resolved = self._targets[raw_target] = (
-                URL(raw, encoded=True),
-                self._routes.match(target.path),
-            )
-        return resolved
+        if resolved is not None:
+            return resolved[0], resolved[1], True
+        target = parse_target(raw_target)
+        check_prefix(target.path, self._config.routing.allowed_prefixes)
+        raw = self._base + target.path
+        if target.query:
+            raw += "?" + target.query
+        return URL(raw, encoded=True), self._routes.match(target.path), False
+
+    def _remember_target(self, raw_target: str, url: URL, route: str) -> None:
+        """Remember a resolved target; the cache starts afresh when full (entries or bytes)."""
+        if len(raw_target) > TARGET_CACHE_MAX_TARGET:
+            return
+        # The target and the URL string, which are most of an entry's size.
+        size = 2 * len(raw_target) + len(self._base)
+        if len(self._targets) >= TARGET_CACHE_SIZE or self._targets_bytes + size > (
+            TARGET_CACHE_BYTES
+        ):
+            self._targets.clear()
+            self._targets_bytes = 0
+        self._targets[raw_target] = (url, route)
+        self._targets_bytes += size
 
 
-def _safe_to_resend(request: Request) -> bool:
-    """GET, or a POST whose idempotency key makes MobilePay answer a replay with the original."""
-    if request.method == "GET":
+def _safe_to_resend(method: str, sent: CIMultiDict[str]) -> bool:
+    """GET, or a POST whose idempotency key makes MobilePay answer a replay with the original.
+
+    ``sent`` are the headers as sent upstream, after hygiene.
+    """
+    if method == "GET":
         return True
-    return request.method == "POST" and bool(request.headers.get(IDEMPOTENCY_HEADER, "").strip())
+    return method == "POST" and bool(sent.get(IDEMPOTENCY_HEADER, "").strip())

@@ -41,8 +41,9 @@ PROXY_OWNED = frozenset(
     }
 )
 
-# Framing of the relayed response is recomputed for the terminal's connection.
-RESPONSE_STRIPPED = HOP_BY_HOP | {"content-length"}
+# Framing of the relayed response is recomputed for the terminal's connection, and
+# X-Proxy-Error marks the proxy's own answers only: MobilePay's errors must not pass for them.
+RESPONSE_STRIPPED = HOP_BY_HOP | {"content-length", "x-proxy-error"}
 
 
 def connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
@@ -61,11 +62,21 @@ def request_strip_set(routing_header: str) -> frozenset[str]:
 
 
 def copy_without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    """Every header except the dropped names and those named in Connection."""
+    """Every header except the dropped names, those named in Connection, and any name with
+    an underscore.
+
+    Underscored names are dropped as nginx does by default (``underscores_in_headers off``):
+    a server that maps ``_`` to ``-`` (CGI style) would take ``x_ibm_client_id`` for the
+    header the proxy owns, and no PoS V10 header has one.
+    """
     listed = connection_listed(headers)
     if listed:
         drop = drop | listed
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+    return CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if "_" not in name and name.lower() not in drop
+    )
 
 
 def upstream_request_headers(

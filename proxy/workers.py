@@ -255,7 +255,9 @@ class Supervisor:
             if self._stopping.is_set():
                 return code
             failures = failures + 1 if loop.time() - started < STABLE_AFTER_SECONDS else 1
-            delay = min(RESTART_MAX_SECONDS, RESTART_INITIAL_SECONDS * 2 ** (failures - 1))
+            # The exponent is capped: 2.0 ** 1024 overflows, and the delay is capped anyway.
+            doublings = min(failures - 1, 32)
+            delay = min(RESTART_MAX_SECONDS, RESTART_INITIAL_SECONDS * 2.0**doublings)
             log.error(
                 "worker %d (pid %s) %s; restarting it in %.1f s",
                 worker.index,

@@ -3,20 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import json
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from prometheus_client import CollectorRegistry
 from redis import asyncio as aioredis
 
-from proxy.tokens.shared import _derive_key
+from proxy.app import STATE, apply_config
+from proxy.config import RedisStoreConfig
+from proxy.metrics import Metrics
+from proxy.tokens.shared import RedisTokenStore, derive_key, open_sealed
+from proxy.tokens.store import SharedToken
 from tests.conftest import MERCHANTS, RunningProxy
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, PosServer, TokenServer
 from tests.redis_server import RedisServer
 from tests.test_cli import _free_port, _wait_until_up, _write_config, spawn_proxy
+from tests.test_money_safety import (
+    ROTATED_ID,
+    ROTATED_SECRET,
+    accept_rotated_credentials,
+    reloaded,
+)
 
 KEYS = list(MERCHANTS)
 
@@ -53,7 +70,9 @@ class Copies:
                 port=port,
                 metrics_port=metrics_port,
                 extra=f'{merchants}\n[tokens]\nstore = "{redis.url}"\n'
-                f"redis_lock_seconds = {lock_seconds}\n",
+                f"redis_lock_seconds = {lock_seconds}\n"
+                # The lock must outlive a fetch (timeout + 3 Redis calls + 0.5 s).
+                f"timeout_seconds = {lock_seconds / 2}\nredis_timeout_seconds = 0.1\n",
             )
             self.processes.append(await spawn_proxy(config))
             self.ports.append(port)
@@ -131,7 +150,7 @@ async def test_a_dead_lock_holder_blocks_refreshes_only_until_the_lock_expires(
     copies = Copies()
     try:
         await copies.start(
-            tmp_path, 2, pos_server, token_server, ca_file, redis_server, lock_seconds=1
+            tmp_path, 2, pos_server, token_server, ca_file, redis_server, lock_seconds=2
         )
         token_server.delay = 5
         async with aiohttp.ClientSession() as session:
@@ -154,25 +173,50 @@ async def test_a_dead_lock_holder_blocks_refreshes_only_until_the_lock_expires(
         await copies.stop()
 
 
+def _encodings(token: str) -> list[bytes]:
+    """The token and every way it could sit in a blob unencrypted: base64 (standard and
+    URL-safe, at each of the three alignments, padded or not), hex, and its JWT parts."""
+    raw = token.encode()
+    found = [raw, raw.hex().encode(), *(part.encode() for part in token.split(".") if part)]
+    for skip in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            # Drop the last, partial quantum: it depends on what follows in the blob.
+            found.append(encode(raw[skip:])[:-4])
+    return found
+
+
 async def test_tokens_are_encrypted_at_rest_with_their_remaining_life(
     start_proxy: Callable[..., Any], token_server: TokenServer, redis_server: RedisServer
 ) -> None:
     proxy: RunningProxy = await start_proxy(tokens={"store": redis_server.url})
     assert (await proxy.request("GET", "/pos/v10/payments/1"))[0] == 200
-    token = token_server.issued[0]
+    (token,) = token_server.issued
+    vat = MERCHANTS["store-001"]
+    key = f"mobilepay-proxy:{hashlib.sha256(CLIENT_ID.encode()).hexdigest()[:16]}:{vat}"
     client = aioredis.Redis.from_url(redis_server.url)
     try:
-        keys = [key async for key in client.scan_iter("mobilepay-proxy:*")]
-        dump = b"".join([await client.get(k) or b"" for k in keys if not k.endswith(b"lock")])
-        ttls = [await client.pttl(k) for k in keys if k.count(b":") == 2]
+        keys = [name async for name in client.scan_iter("mobilepay-proxy:*")]
+        values = [await client.get(k) for k in keys if not k.endswith(b"lock")]
+        dump = b"".join(value for value in values if isinstance(value, bytes))
+        blob = await client.get(key)
+        ttl = await client.pttl(key)
     finally:
         await client.aclose()
-    assert token.encode() not in dump
+    assert isinstance(blob, bytes)
+    # Only the key derived from the client secret opens it, and only under its own name.
+    entry = json.loads(open_sealed(derive_key(CLIENT_ID, CLIENT_SECRET), key, blob))
+    assert entry["value"] == token
+    with pytest.raises(InvalidTag):
+        open_sealed(derive_key(CLIENT_ID, CLIENT_SECRET + "x"), key, blob)
+    with pytest.raises(InvalidTag):
+        open_sealed(derive_key(CLIENT_ID, CLIENT_SECRET), key.replace(vat, "DK99999999"), blob)
+    # Nothing readable without it: not the token in any encoding, not the secret.
+    for encoded in _encodings(token):
+        assert encoded not in dump
     assert CLIENT_SECRET.encode() not in dump
     assert CLIENT_ID.encode() not in b"".join(keys)
-    assert ttls
-    assert all(3000_000 < ttl <= 3600_000 for ttl in ttls)
-    assert len(_derive_key(CLIENT_ID, CLIENT_SECRET)) == 32
+    # It expires with the token: 3600 s less the expiry margin.
+    assert 3000_000 < ttl <= 3570_000
 
 
 async def test_redis_outage_mid_load_fails_no_terminal_request(
@@ -213,3 +257,93 @@ async def test_redis_outage_mid_load_fails_no_terminal_request(
             break
         await asyncio.sleep(0.1)
     assert all(proxy.sample("mobilepay_proxy_token_store_up") == 1 for proxy in copies)
+
+
+async def test_rotated_credentials_rekey_the_shared_store(
+    start_proxy: Callable[..., Any],
+    token_server: TokenServer,
+    pos_server: PosServer,
+    redis_server: RedisServer,
+) -> None:
+    proxy: RunningProxy = await start_proxy(tokens={"store": redis_server.url})
+    assert (await proxy.request("GET", "/pos/v10/payments/1"))[0] == 200
+    accept_rotated_credentials(token_server)
+    apply_config(
+        proxy.app[STATE],
+        reloaded(proxy, mobilepay={"client_id": ROTATED_ID, "client_secret": ROTATED_SECRET}),
+    )
+    assert (await proxy.request("GET", "/pos/v10/payments/2"))[0] == 200
+    # A new token, fetched with the new credentials: nothing from before was adopted.
+    assert token_server.count() == 2
+    assert pos_server.requests[-1].headers["Authorization"] == f"Bearer {token_server.issued[1]}"
+    vat = MERCHANTS["store-001"]
+    new_key = f"mobilepay-proxy:{hashlib.sha256(ROTATED_ID.encode()).hexdigest()[:16]}:{vat}"
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        blob = await client.get(new_key)
+    finally:
+        await client.aclose()
+    assert isinstance(blob, bytes)
+    plain = open_sealed(derive_key(ROTATED_ID, ROTATED_SECRET), new_key, blob)
+    assert json.loads(plain)["value"] == token_server.issued[1]
+    # The rotated-away secret cannot read what was written after the rotation.
+    for client_id in (CLIENT_ID, ROTATED_ID):
+        with pytest.raises(InvalidTag):
+            open_sealed(derive_key(client_id, CLIENT_SECRET), new_key, blob)
+
+
+async def test_an_older_token_never_overwrites_a_newer_one(redis_server: RedisServer) -> None:
+    config = RedisStoreConfig(url=redis_server.url, lock_seconds=0.5)
+    slow, fast = (
+        RedisTokenStore(config, CLIENT_ID, CLIENT_SECRET, Metrics(CollectorRegistry()))
+        for _ in range(2)
+    )
+    vat = MERCHANTS["store-001"]
+    try:
+        # The slow copy's lock expired mid-fetch and the fast one fetched too.
+        older, newer = await slow.next_generation(vat), await fast.next_generation(vat)
+        expires = time.time() + 3600
+        await fast.save(vat, SharedToken("newer-token", newer, expires - 300, expires))
+        await slow.save(vat, SharedToken("older-token", older, expires - 300, expires))
+        found = await fast.load(vat)
+        assert found is not None
+        assert (found.value, found.generation) == ("newer-token", newer)
+    finally:
+        await slow.close()
+        await fast.close()
+
+
+async def test_a_rejected_token_is_not_adopted_again_from_the_store(
+    start_proxy: Callable[..., Any],
+    token_server: TokenServer,
+    pos_server: PosServer,
+    redis_server: RedisServer,
+) -> None:
+    sections = {"tokens": {"store": redis_server.url}}
+    first: RunningProxy = await start_proxy(**sections)
+    second: RunningProxy = await start_proxy(**sections)
+    assert (await first.request("GET", "/pos/v10/payments/1"))[0] == 200
+    assert (await second.request("GET", "/pos/v10/payments/2"))[0] == 200
+    assert token_server.count() == 1
+    rejected = token_server.issued[0]
+    pos_server.rejected.add(rejected)
+
+    async def fail_once(request: web.Request) -> web.StreamResponse | None:
+        token_server.fault = None
+        return web.Response(status=500)
+
+    token_server.fault = fail_once
+    # The first copy sees the 401, announces it; its forced refresh fails.
+    status, headers, _ = await first.request("GET", "/pos/v10/payments/3")
+    assert (status, headers["X-Proxy-Error"]) == (503, "token_unavailable")
+    vat = MERCHANTS["store-001"]
+    tokens = second.app[STATE].tokens
+    assert tokens is not None
+    async with asyncio.timeout(3):
+        while tokens.status([vat])[0].valid:  # noqa: ASYNC110 - waits for the announcement
+            await asyncio.sleep(0.01)
+    assert (await second.request("GET", "/pos/v10/payments/4"))[0] == 200
+    sent_rejected = [
+        r for r in pos_server.requests if r.headers["Authorization"] == f"Bearer {rejected}"
+    ]
+    assert len(sent_rejected) == 3, "a copy adopted the rejected token again"

@@ -16,6 +16,8 @@ from proxy.tokens.token import usable_lifetime
 log = logging.getLogger(__name__)
 # A token response is a few hundred bytes; anything far larger is not one.
 MAX_RESPONSE_BYTES = 64 * 1024
+# A Retry-After beyond this many digits is nonsense (and would not fit a float).
+MAX_RETRY_AFTER_DIGITS = 9
 
 
 class TokenFetchError(Exception):
@@ -66,7 +68,7 @@ class TokenFetcher:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                body = await response.content.read(MAX_RESPONSE_BYTES + 1)
+                body = await _read_bounded(response)
                 status = response.status
                 retry_after = _retry_after(response.headers.get("Retry-After"))
         except TimeoutError:
@@ -81,8 +83,21 @@ class TokenFetcher:
         return _parse(status, body, retry_after)
 
 
-def _parse(status: int, body: bytes, retry_after: float | None) -> FetchedToken:
-    error = _error_code(body)
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes | None:
+    """The whole body, however many TLS records it came in; None when over the bound."""
+    declared = response.content_length
+    if declared is not None and declared > MAX_RESPONSE_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            return None
+    return bytes(body)
+
+
+def _parse(status: int, body: bytes | None, retry_after: float | None) -> FetchedToken:
+    error = _error_code(body or b"")
     if status == 401 or error == "invalid_client":
         raise TokenFetchError(
             f"the token endpoint rejected the client credentials (HTTP {status})", credentials=True
@@ -92,7 +107,7 @@ def _parse(status: int, body: bytes, retry_after: float | None) -> FetchedToken:
         raise TokenFetchError(
             f"the token endpoint answered HTTP {status}{detail}", retry_after=retry_after
         )
-    if len(body) > MAX_RESPONSE_BYTES:
+    if body is None:
         raise TokenFetchError("the token response is too large")
     try:
         payload = json.loads(body)
@@ -124,7 +139,11 @@ def _error_code(body: bytes) -> str | None:
 
 
 def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header in its delta-seconds form."""
-    if value is None or not value.strip().isdigit():
+    """Seconds from a ``Retry-After`` header in its delta-seconds form (ASCII digits only:
+    ``str.isdigit`` also accepts ``²``, which ``float`` refuses); None for anything else."""
+    if value is None:
         return None
-    return float(value.strip())
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_RETRY_AFTER_DIGITS:
+        return None
+    return float(value)

@@ -4,7 +4,11 @@
 - A token past its refresh point keeps serving while one background fetch replaces it.
 - After a failed fetch, the merchant backs off (exponential, jittered, capped); meanwhile a
   still-valid token keeps serving and a request without one is refused with a retry hint.
-- A token MobilePay rejected is replaced once, however many requests saw it rejected.
+- A token MobilePay rejected is replaced once, however many requests saw it rejected; when
+  the replacement is rejected too, no new one is fetched for a cool-down.
+- A request waiting for a fetch that is abandoned under it (a reload, a shutdown) gets an
+  answer: with new credentials it waits once for a fetch with them, otherwise it is refused
+  with a retry hint.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # While another copy of the proxy fetches a merchant's token, how often to look for it.
 SHARED_POLL_SECONDS = 0.05
+# The backoff stops doubling here: far beyond any cap, and 2 ** n stays a small float.
+MAX_DOUBLINGS = 40
+# Why a merchant's fetch was abandoned while requests waited for it.
+CREDENTIALS_CHANGED = "credentials"
+MERCHANT_REMOVED = "removed"
+SHUTTING_DOWN = "closing"
 
 
 @dataclass(slots=True)
@@ -42,6 +52,13 @@ class _MerchantState:
     failures: int = 0
     retry_at: float = 0.0
     reported_rejected: int = 0
+    # The newest generation MobilePay refused, here or at another copy: never adopted again.
+    rejected: int = 0
+    # The newest generation MobilePay answered with anything but 401.
+    accepted: int = 0
+    # Until then MobilePay's 401s are relayed without fetching (a fresh token was refused).
+    unauthorized_until: float = 0.0
+    abandoned: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +90,7 @@ class TokenManager:
         self._clock = clock
         self._states: dict[str, _MerchantState] = {}
         self._background: set[asyncio.Task[Token]] = set()
+        self._closed = False
         # Since when every token fetch has failed (None while the last one succeeded).
         self._failing_since: float | None = None
 
@@ -100,6 +118,7 @@ class TokenManager:
         """
         vat = rejected.vat
         state = self._state(vat)
+        state.rejected = max(state.rejected, rejected.generation)
         if (
             self._shared is not None
             and rejected.generation > state.reported_rejected
@@ -116,13 +135,16 @@ class TokenManager:
         ):
             return current
         if state.inflight is not None:
-            return await asyncio.shield(state.inflight)
+            return await self._wait(vat, state, state.inflight)
         # New requests must not pick up a token MobilePay has just refused.
         self._store.discard(vat, rejected.generation)
         return await self._shared_fetch(vat, "forced", rejected.generation)
 
     def on_shared_event(self, kind: str, vat: str, generation: int) -> None:
         """Another copy stored a newer token, or saw MobilePay refuse one: drop ours."""
+        state = self._states.get(vat)
+        if kind == "rejected" and state is not None:
+            state.rejected = max(state.rejected, generation)
         token = self._store.get(vat)
         if token is None:
             return
@@ -132,15 +154,70 @@ class TokenManager:
             self._store.discard(vat, token.generation)
 
     def forget(self, vat: str) -> None:
-        """Drop everything held for a merchant (it left the routing map)."""
-        self._store.discard(vat)
-        state = self._states.pop(vat, None)
-        if state is not None and state.inflight is not None:
-            state.inflight.cancel()
+        """Drop everything held for a merchant (it left the routing map).
+
+        Requests waiting for its token get 503 ``token_unavailable``.
+        """
+        self._drop(vat, MERCHANT_REMOVED)
 
     def forget_all(self) -> None:
+        """Drop every token and fetch (the credentials changed).
+
+        Requests waiting for a fetch wait once more, for one made with the new credentials.
+        """
         for vat in {token.vat for token in self._store} | set(self._states):
-            self.forget(vat)
+            self._drop(vat, CREDENTIALS_CHANGED)
+
+    def rotate_credentials(self, client_id: str, client_secret: str) -> None:
+        """New credentials: the shared store is re-keyed, every token and fetch dropped."""
+        if self._shared is not None:
+            self._shared.rekey(client_id, client_secret)
+        self.forget_all()
+
+    def unauthorized_cooldown(self, vat: str) -> bool:
+        """Whether MobilePay refused a fresh token for this merchant moments ago."""
+        state = self._states.get(vat)
+        return state is not None and self._clock() < state.unauthorized_until
+
+    def accepted(self, token: Token) -> None:
+        """MobilePay answered a request made with ``token`` with something other than 401.
+
+        A token MobilePay has accepted is not one it refuses: a cool-down it started ends.
+        """
+        state = self._states.get(token.vat)
+        if state is not None and token.generation > state.accepted:
+            state.accepted = token.generation
+            state.unauthorized_until = 0.0
+
+    def start_unauthorized_cooldown(self, token: Token) -> None:
+        """MobilePay refused ``token``, itself a replacement for a refused one.
+
+        Unless MobilePay has accepted that token before (a passing refusal), fetching again
+        would not help and costs the credential every merchant shares: for
+        ``unauthorized_cooldown_seconds`` MobilePay's 401s are relayed without a new fetch.
+        """
+        seconds = self._config.unauthorized_cooldown_seconds
+        state = self._state(token.vat)
+        now = self._clock()
+        if state.accepted >= token.generation:
+            return
+        if seconds <= 0:
+            log.warning(
+                "MobilePay refused a fresh token %s for merchant %s too; relaying its 401",
+                token.fingerprint,
+                token.vat,
+            )
+            return
+        if now < state.unauthorized_until:
+            return
+        state.unauthorized_until = now + seconds
+        log.warning(
+            "MobilePay refused a fresh token %s for merchant %s too; relaying its 401s "
+            "without fetching another token for %.0f s (cool-down)",
+            token.fingerprint,
+            token.vat,
+            seconds,
+        )
 
     def failing_for(self) -> float | None:
         """Seconds since which every token fetch has failed; None while the last succeeded."""
@@ -165,11 +242,24 @@ class TokenManager:
         return self.status(token.vat for token in self._store)
 
     async def close(self) -> None:
-        tasks = [state.inflight for state in self._states.values() if state.inflight]
+        """Cancel every fetch; requests waiting for one get 503 ``token_unavailable``."""
+        self._closed = True
+        tasks = []
+        for state in self._states.values():
+            if state.inflight is not None:
+                state.abandoned = SHUTTING_DOWN
+                tasks.append(state.inflight)
         tasks.extend(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _drop(self, vat: str, why: str) -> None:
+        self._store.discard(vat)
+        state = self._states.pop(vat, None)
+        if state is not None and state.inflight is not None:
+            state.abandoned = why
+            state.inflight.cancel()
 
     def _state(self, vat: str) -> _MerchantState:
         state = self._states.get(vat)
@@ -185,7 +275,11 @@ class TokenManager:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _shared_fetch(self, vat: str, reason: str, rejected: int | None = None) -> Token:
+    async def _shared_fetch(
+        self, vat: str, reason: str, rejected: int | None = None, *, again: bool = True
+    ) -> Token:
+        if self._closed:
+            raise TokenUnavailable("The proxy is shutting down.", retry_after=1)
         state = self._state(vat)
         if state.inflight is None:
             wait = state.retry_at - self._clock()
@@ -196,8 +290,39 @@ class TokenManager:
                 )
             self._start(vat, state, reason, rejected)
         assert state.inflight is not None
-        # Shielded: a terminal that hangs up must not cancel the fetch others wait for.
-        return await asyncio.shield(state.inflight)
+        return await self._wait(vat, state, state.inflight, again=again)
+
+    async def _wait(
+        self,
+        vat: str,
+        state: _MerchantState,
+        task: asyncio.Task[Token],
+        *,
+        again: bool = True,
+    ) -> Token:
+        """The fetch's token; an answer even when the fetch is cancelled under the caller."""
+        try:
+            # Shielded: a terminal that hangs up must not cancel the fetch others wait for.
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not task.cancelled() or (current is not None and current.cancelling()):
+                raise  # this request itself is being cancelled
+        if state.abandoned == CREDENTIALS_CHANGED and again:
+            # The merchant is still served, with new credentials: wait for their token once.
+            return await self._shared_fetch(vat, "initial", again=False)
+        if state.abandoned == MERCHANT_REMOVED:
+            message = "The merchant was removed from the proxy's configuration."
+        elif state.abandoned == SHUTTING_DOWN:
+            message = "The proxy is shutting down."
+        else:
+            message = "The proxy's configuration changed while fetching a token; try again."
+        log.warning(
+            "a token fetch for merchant %s was abandoned (%s); answering 503",
+            vat,
+            state.abandoned or "cancelled",
+        )
+        raise TokenUnavailable(message, retry_after=1)
 
     def _start(
         self, vat: str, state: _MerchantState, reason: str, rejected: int | None = None
@@ -239,14 +364,16 @@ class TokenManager:
         """
         deadline = self._clock() + shared.lock_seconds + 1.0
         while True:
+            # Never a generation MobilePay refused, however it got back into the store.
+            refused = max(rejected or 0, state.rejected)
             found = await shared.load(vat)
-            if found is not None and _acceptable(found, reason, rejected):
+            if found is not None and _acceptable(found, reason, refused):
                 return self._adopt(vat, state, found)
             owner = await shared.lock(vat)
             if owner is not None:
                 try:
                     found = await shared.load(vat)
-                    if found is not None and _acceptable(found, reason, rejected):
+                    if found is not None and _acceptable(found, reason, refused):
                         return self._adopt(vat, state, found)
                     generation = await shared.next_generation(vat)
                     token = await self._fetch(vat, state, reason, generation)
@@ -328,7 +455,8 @@ class TokenManager:
         if self._failing_since is None:
             self._failing_since = now
         cap = self._config.backoff_max_seconds
-        delay = min(cap, self._config.backoff_initial_seconds * 2 ** (state.failures - 1))
+        doublings = min(state.failures - 1, MAX_DOUBLINGS)
+        delay = min(cap, self._config.backoff_initial_seconds * 2**doublings)
         # Full jitter on the upper half keeps many proxies from retrying in step.
         delay *= random.uniform(0.5, 1.0)
         if exc.retry_after is not None:
@@ -355,10 +483,10 @@ class TokenManager:
         )
 
 
-def _acceptable(found: SharedToken, reason: str, rejected: int | None) -> bool:
+def _acceptable(found: SharedToken, reason: str, refused: int) -> bool:
     """Whether a stored token may be used instead of fetching one."""
     now = time.time()
-    if found.expires_at <= now or (rejected is not None and found.generation <= rejected):
+    if found.expires_at <= now or found.generation <= refused:
         return False
     return reason != "expiring" or found.refresh_at > now
 

@@ -6,12 +6,19 @@ What it holds, per client id and merchant VAT:
   never stored), expiring with the token;
 - ``<prefix>:<client>:<vat>:generation``: a counter, so every copy agrees which token is
   newer;
+- ``<prefix>:<client>:<vat>:stored``: the generation of the token stored (or of the last one
+  MobilePay refused): a save of an older generation is refused, in the same Lua call;
 - ``<prefix>:<client>:<vat>:lock``: a short lock (``SET NX PX`` with a random owner
   value) taken by the one copy that fetches from MobilePay; it expires by itself if its
   holder dies.
 
 Copies announce new and rejected generations on a pub/sub channel, so each drops its local
-copy of a token as soon as another copy has replaced it or seen MobilePay refuse it.
+copy of a token as soon as another copy has replaced it or seen MobilePay refuse it; a
+refused token is also deleted from Redis, so no copy adopts it again.
+
+``<client>`` is derived from the client id and the key from the client secret: after a
+credential rotation (:meth:`RedisTokenStore.rekey`) nothing stored before is read, and what
+is stored after cannot be read with the old secret.
 
 Redis is a help, never a dependency: any Redis failure raises :class:`StoreUnavailable`
 (or is swallowed where nothing depends on it), the caller falls back to fetching on its own,
@@ -53,8 +60,31 @@ _UNLOCK = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
 return 0
 """
+# Stores a token unless a newer generation is stored (or was refused): the refresh lock can
+# expire under a slow fetch, and the older token must not overwrite the newer one.
+# KEYS: token, stored generation. ARGV: blob, generation, ttl in ms.
+_SAVE = """
+local stored = tonumber(redis.call('get', KEYS[2]) or '0')
+if stored >= tonumber(ARGV[2]) then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('set', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+# Deletes a refused token if it is the one stored (or older), and remembers the generation
+# so that a late save of it is refused. KEYS: token, stored generation. ARGV: generation.
+_REJECT = """
+local stored = tonumber(redis.call('get', KEYS[2]) or '0')
+if stored > tonumber(ARGV[1]) then return 0 end
+redis.call('del', KEYS[1])
+redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# How long the generation of a refused token is remembered: longer than any token lives.
+REJECTED_MEMORY_MS = 25 * 3600 * 1000
 # How long, after a failure, the store is left alone before it is tried again.
 RETRY_AFTER_FAILURE_SECONDS = 1.0
+# How long the listener waits for an event before it looks whether to stop or re-subscribe.
+LISTEN_SECONDS = 1.0
 # Commands are few (per-merchant single flight), so a small pool suffices.
 MAX_CONNECTIONS = 16
 
@@ -68,10 +98,10 @@ class RedisTokenStore:
     ) -> None:
         self.lock_seconds = config.lock_seconds
         self._metrics = metrics
-        client = hashlib.sha256(client_id.encode()).hexdigest()[:16]
-        self._prefix = f"{config.prefix}:{client}"
-        self._channel = f"{self._prefix}:events"
-        self._aead = AESGCM(_derive_key(client_id, client_secret))
+        self._base_prefix = config.prefix
+        self._prefix = self._channel = ""
+        self._aead = AESGCM(bytes(32))
+        self._use_credentials(client_id, client_secret)
         # Bursts wait for a free connection (up to the timeout) instead of failing.
         self._pool = aioredis.BlockingConnectionPool.from_url(
             config.url,
@@ -97,6 +127,7 @@ class RedisTokenStore:
         self._down_since: float | None = None
         self._listener: Listener | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"RedisTokenStore(prefix={self._prefix!r})"
@@ -105,10 +136,28 @@ class RedisTokenStore:
         self._listener = listener
         self._task = asyncio.get_running_loop().create_task(self._listen())
 
+    def rekey(self, client_id: str, client_secret: str) -> None:
+        """Use the keys of new credentials from now on: their own prefix, channel and AES key.
+
+        Nothing stored under the old credentials is read again, and the old secret cannot
+        decrypt what is stored from now on.
+        """
+        # The listener notices the new channel within a second and subscribes to it.
+        self._use_credentials(client_id, client_secret)
+
+    def _use_credentials(self, client_id: str, client_secret: str) -> None:
+        client = hashlib.sha256(client_id.encode()).hexdigest()[:16]
+        self._prefix = f"{self._base_prefix}:{client}"
+        self._channel = f"{self._prefix}:events"
+        self._aead = AESGCM(derive_key(client_id, client_secret))
+
     async def close(self) -> None:
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # The listener also stops by itself within a second, should a cancellation be
+            # lost inside the Redis client.
+            await asyncio.wait([self._task], timeout=LISTEN_SECONDS + 1)
         await self._redis.aclose()
         await self._pool.disconnect()
         await self._events.aclose()
@@ -121,13 +170,12 @@ class RedisTokenStore:
         )
 
     async def load(self, vat: str) -> SharedToken | None:
-        blob = await self._call("load", self._redis.get(self._key(vat)))
+        key, aead = self._key(vat), self._aead
+        blob = await self._call("load", self._redis.get(key))
         if blob is None:
             return None
         try:
-            nonce, sealed = blob[:12], blob[12:]
-            plain = self._aead.decrypt(nonce, sealed, self._key(vat).encode())
-            data = json.loads(plain)
+            data = json.loads(_open(aead, key, blob))
             return SharedToken(
                 value=str(data["value"]),
                 generation=int(data["generation"]),
@@ -140,7 +188,8 @@ class RedisTokenStore:
             return None
 
     async def save(self, vat: str, token: SharedToken) -> None:
-        """Store and announce a new token; a failure only costs the other copies a fetch."""
+        """Store and announce a new token unless a newer one is stored; a failure only costs
+        the other copies a fetch."""
         ttl_ms = int((token.expires_at - time.time()) * 1000)
         if ttl_ms <= 0:
             return
@@ -152,11 +201,18 @@ class RedisTokenStore:
                 "expires_at": token.expires_at,
             }
         ).encode()
+        key = self._key(vat)
         nonce = os.urandom(12)
-        blob = nonce + self._aead.encrypt(nonce, plain, self._key(vat).encode())
+        blob = nonce + self._aead.encrypt(nonce, plain, key.encode())
         with contextlib.suppress(StoreUnavailable):
-            await self._call("save", self._redis.set(self._key(vat), blob, px=ttl_ms))
-            await self._announce("new", vat, token.generation)
+            saved = await self._call(
+                "save",
+                self._redis.eval(
+                    _SAVE, 2, key, self._key(vat, "stored"), blob, token.generation, ttl_ms
+                ),
+            )
+            if saved:
+                await self._announce("new", vat, token.generation)
 
     async def next_generation(self, vat: str) -> int:
         generation = await self._call("generation", self._redis.incr(self._key(vat, "generation")))
@@ -179,8 +235,19 @@ class RedisTokenStore:
             await self._call("unlock", self._redis.eval(_UNLOCK, 1, self._key(vat, "lock"), owner))
 
     async def report_rejected(self, vat: str, generation: int) -> None:
-        """Tell the other copies that MobilePay refused this generation."""
+        """Delete the refused generation from Redis and tell the other copies."""
         with contextlib.suppress(StoreUnavailable):
+            await self._call(
+                "reject",
+                self._redis.eval(
+                    _REJECT,
+                    2,
+                    self._key(vat),
+                    self._key(vat, "stored"),
+                    generation,
+                    REJECTED_MEMORY_MS,
+                ),
+            )
             await self._announce("rejected", vat, generation)
 
     def _key(self, vat: str, suffix: str = "") -> str:
@@ -219,13 +286,15 @@ class RedisTokenStore:
             self._metrics.token_store_up.set(1)
 
     async def _listen(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 async with self._events.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(self._channel)
+                    channel = self._channel
+                    await pubsub.subscribe(channel)
                     self._mark_up()
-                    while True:
-                        message = await pubsub.get_message(timeout=1.0)
+                    # Until closed, or re-keyed: then the new credentials' channel.
+                    while channel == self._channel and not self._closing:
+                        message = await pubsub.get_message(timeout=LISTEN_SECONDS)
                         if message is not None:
                             self._dispatch(message.get("data"))
                         elif self._down_since is not None:
@@ -249,11 +318,24 @@ class RedisTokenStore:
             log.warning("ignoring a malformed token store event")
 
 
-def _derive_key(client_id: str, client_secret: str) -> bytes:
-    """The encryption key: only copies holding the client secret can read stored tokens."""
+def derive_key(client_id: str, client_secret: str) -> bytes:
+    """The AES-256-GCM key tokens are stored under: only holders of the client secret can
+    derive it (HKDF-SHA256 of the secret, salted, bound to the client id)."""
     return HKDF(
         algorithm=hashes.SHA256(),
         length=32,
         salt=b"mobilepay-proxy token store v1",
         info=base64.b64encode(client_id.encode()),
     ).derive(client_secret.encode())
+
+
+def open_sealed(key: bytes, redis_key: str, blob: bytes) -> bytes:
+    """The plaintext of a stored token entry (JSON); raises ``InvalidTag`` for any other key,
+    another Redis key, or a blob that was tampered with."""
+    return _open(AESGCM(key), redis_key, blob)
+
+
+def _open(aead: AESGCM, redis_key: str, blob: bytes) -> bytes:
+    # A 12-byte nonce, then the ciphertext; the Redis key is the associated data, so an
+    # entry moved to another merchant's key does not decrypt.
+    return aead.decrypt(blob[:12], blob[12:], redis_key.encode())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 # A token endpoint that claims a lifetime longer than this is not believed.
@@ -47,7 +48,17 @@ def jwt_lifetime(value: str) -> float | None:
         return None
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (exp, iat)):
         return None
-    return float(exp - iat)
+    return _finite(exp - iat)
+
+
+def _finite(value: int | float) -> float | None:
+    """The value as a finite float; None for NaN, infinities and ints too large for a float
+    (JSON allows ``exp: 1e400``, Python's parser also ``NaN`` and ``Infinity``)."""
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def usable_lifetime(expires_in: object, value: str) -> float | None:
@@ -57,13 +68,15 @@ def usable_lifetime(expires_in: object, value: str) -> float | None:
     """
     candidates = []
     if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-        candidates.append(float(expires_in))
+        from_response = _finite(expires_in)
+        if from_response is not None:
+            candidates.append(from_response)
     from_jwt = jwt_lifetime(value)
     if from_jwt is not None:
         candidates.append(from_jwt)
     if not candidates:
         return None
     lifetime = min(candidates)
-    if lifetime != lifetime or lifetime <= 0:  # NaN or not positive
+    if lifetime <= 0:
         return None
     return min(lifetime, MAX_LIFETIME_SECONDS)
