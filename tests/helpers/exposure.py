@@ -11,6 +11,8 @@ import base64
 import logging
 from dataclasses import dataclass, field
 
+import pytest
+
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, IBM_CLIENT_ID
 
 SECRET_VALUES = frozenset(
@@ -23,7 +25,7 @@ SECRET_VALUES = frozenset(
 LEAK_MESSAGE = "secrets leaked"
 # Attributes every LogRecord has; anything else came in through ``extra=`` and would be
 # printed by a JSON formatter.
-_RECORD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({})))
+_RECORD_ATTRIBUTES = frozenset({*vars(logging.makeLogRecord({})), "message", "asctime"})
 
 
 class LogCapture(logging.Handler):
@@ -43,7 +45,7 @@ class LogCapture(logging.Handler):
             self.lines.append(repr(extra))
 
 
-@dataclass
+@dataclass(repr=False)
 class Exposure:
     """Everything the proxy showed the outside world during one test."""
 
@@ -53,15 +55,28 @@ class Exposure:
     # Credentials of a test that does not use the fakes' (the simulator's, say).
     secrets: set[str] = field(default_factory=set)
 
+    def __repr__(self) -> str:
+        # Never the texts themselves: a failing test's report would show the leak again.
+        return f"<Exposure of {len(self.logs.lines) + len(self.texts)} texts>"
+
     def leaks(self) -> list[str]:
+        """Where each secret showed, the secrets themselves masked."""
         secrets = SECRET_VALUES | self.secrets | self.tokens
-        return [
-            f"{secret[:6]}... in {text[:120]!r}"
-            for text in [*self.logs.lines, *self.texts]
-            for secret in secrets
-            if secret in text
-        ]
+        found = []
+        for text in [*self.logs.lines, *self.texts]:
+            for secret in secrets:
+                if secret in text:
+                    start = max(0, text.index(secret) - 60)
+                    found.append(f"{secret[:4]}... in {_masked(text, secrets)[start:][:120]!r}")
+        return found
 
     def check(self) -> None:
         leaks = self.leaks()
-        assert not leaks, f"{LEAK_MESSAGE}: {leaks}"
+        if leaks:
+            pytest.fail(f"{LEAK_MESSAGE}: {leaks}", pytrace=False)
+
+
+def _masked(text: str, secrets: set[str] | frozenset[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "<secret>")
+    return text
