@@ -100,8 +100,8 @@ async def serve(
         if state.metrics.multiprocess:
             publisher = asyncio.create_task(_publish_token_expiry(state))
         serving = Serving(
-            terminals=[_address(address) for address in edge.addresses],
-            metrics=[_address(address) for address in metrics_runner.addresses],
+            terminals=[address_text(address) for address in edge.addresses],
+            metrics=[address_text(address) for address in metrics_runner.addresses],
             app=app,
         )
         log.info(
@@ -164,7 +164,8 @@ async def _publish_token_expiry(state: ProxyState) -> None:
         await asyncio.sleep(TOKEN_EXPIRY_PUBLISH_SECONDS)
 
 
-def _address(address: str | tuple[Any, ...]) -> str:
+def address_text(address: str | tuple[Any, ...]) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), or a unix socket's path, as logged."""
     if isinstance(address, str):  # a unix socket
         return address
     host, port = address[:2]
