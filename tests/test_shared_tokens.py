@@ -15,8 +15,10 @@ from redis import asyncio as aioredis
 from proxy.tokens.shared import _derive_key
 from tests.conftest import MERCHANTS, RunningProxy
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, PosServer, TokenServer
+from tests.helpers.configs import proxy_config, write_config
+from tests.helpers.ports import host_port
+from tests.helpers.processes import Processes
 from tests.redis_server import RedisServer
-from tests.test_cli import _free_port, _wait_until_up, _write_config, spawn_proxy
 
 KEYS = list(MERCHANTS)
 
@@ -24,7 +26,8 @@ KEYS = list(MERCHANTS)
 class Copies:
     """Proxy processes sharing one configuration (and so one Redis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, starter: Processes) -> None:
+        self.starter = starter
         self.processes: list[asyncio.subprocess.Process] = []
         self.ports: list[int] = []
 
@@ -38,26 +41,18 @@ class Copies:
         redis: RedisServer,
         lock_seconds: float = 10,
     ) -> None:
-        merchants = "\n".join(
-            f'"{key}" = "{vat}"' for key, vat in MERCHANTS.items() if key != "store-001"
-        )
         for index in range(count):
-            port, metrics_port = _free_port(), _free_port()
             directory = tmp_path / f"copy{index}"
             directory.mkdir()
-            config = _write_config(
-                directory / "proxy.toml",
-                api=pos.url,  # type: ignore[attr-defined]
-                token=tokens.url,  # type: ignore[attr-defined]
-                ca_file=ca_file,
-                port=port,
-                metrics_port=metrics_port,
-                extra=f'{merchants}\n[tokens]\nstore = "{redis.url}"\n'
-                f"redis_lock_seconds = {lock_seconds}\n",
+            data = proxy_config(
+                tokens.url,
+                pos.url,
+                ca_file,
+                tokens={"store": redis.url, "redis_lock_seconds": lock_seconds},
             )
-            self.processes.append(await spawn_proxy(config))
-            self.ports.append(port)
-            await _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz")
+            started = await self.starter.start_proxy(write_config(directory / "proxy.toml", data))
+            self.processes.append(started.running.process)
+            self.ports.append(host_port(started.url)[1])
 
     async def stop(self) -> None:
         for process in self.processes:
@@ -86,9 +81,10 @@ async def test_copies_fetch_one_token_per_merchant_under_cold_load(
     token_server: TokenServer,
     ca_file: Path,
     redis_server: RedisServer,
+    processes: Processes,
     count: int,
 ) -> None:
-    copies = Copies()
+    copies = Copies(processes)
     try:
         await copies.start(tmp_path, count, pos_server, token_server, ca_file, redis_server)
         token_server.delay = 0.3
@@ -127,8 +123,9 @@ async def test_a_dead_lock_holder_blocks_refreshes_only_until_the_lock_expires(
     token_server: TokenServer,
     ca_file: Path,
     redis_server: RedisServer,
+    processes: Processes,
 ) -> None:
-    copies = Copies()
+    copies = Copies(processes)
     try:
         await copies.start(
             tmp_path, 2, pos_server, token_server, ca_file, redis_server, lock_seconds=1
