@@ -174,6 +174,7 @@ def test_missing_file_and_secrets_from_environment(
         monkeypatch.setenv(name, value)
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_in_flight_requests_and_exits_0(
     tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
 ) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import MERCHANTS, RunningProxy
@@ -70,6 +71,7 @@ async def test_unready_while_the_token_service_keeps_failing(
     assert (await _readyz(proxy))[0] == 200
 
 
+@pytest.mark.slow
 async def test_sighup_reloads_the_merchant_map(
     tmp_path: Path,
     ca_file: Path,

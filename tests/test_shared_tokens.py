@@ -74,6 +74,7 @@ async def _get(session: aiohttp.ClientSession, port: int, key: str, i: int) -> i
         return response.status
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [2, 3])
 async def test_copies_fetch_one_token_per_merchant_under_cold_load(
     tmp_path: Path,
@@ -117,6 +118,7 @@ async def test_copies_fetch_one_token_per_merchant_under_cold_load(
         await copies.stop()
 
 
+@pytest.mark.slow
 async def test_a_dead_lock_holder_blocks_refreshes_only_until_the_lock_expires(
     tmp_path: Path,
     pos_server: PosServer,
@@ -172,6 +174,7 @@ async def test_tokens_are_encrypted_at_rest_with_their_remaining_life(
     assert len(_derive_key(CLIENT_ID, CLIENT_SECRET)) == 32
 
 
+@pytest.mark.slow
 async def test_redis_outage_mid_load_fails_no_terminal_request(
     start_proxy: Callable[..., Any], token_server: TokenServer, redis_server: RedisServer
 ) -> None:

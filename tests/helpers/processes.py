@@ -1,8 +1,9 @@
 """The one way tests start programs: an explicit environment, and every line they print fed
 to the secret guard.
 
-A child gets PATH, HOME and TMPDIR, coverage's own variables (so ``make coverage`` measures
-it), and what the test gives it: never the operator's environment wholesale.
+A child gets PATH, HOME, TMPDIR, the tests' (empty) system trust store, coverage's own
+variables (so ``make coverage`` measures it), and what the test gives it: never the
+operator's environment wholesale.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.helpers import ROOT
 from tests.helpers.exposure import Exposure
 from tests.helpers.ports import ADDRESS, http_url
 
-PASSED_THROUGH = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL")
+PASSED_THROUGH = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "SSL_CERT_FILE", "SSL_CERT_DIR")
 STOP_SECONDS = 20.0
 PROXY = (sys.executable, "-m", "proxy")
 # What the proxy logs once it listens (proxy.server and proxy.workers).

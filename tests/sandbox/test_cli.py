@@ -96,6 +96,7 @@ def test_out_of_range_values_are_rejected(argv: list[str]) -> None:
         parse(argv)
 
 
+@pytest.mark.slow
 async def test_process_serves_tls_and_stops_on_sigterm(
     tmp_path: Path, processes: Processes
 ) -> None:
