@@ -139,6 +139,17 @@ class RunningProxy:
     session: aiohttp.ClientSession
     exposure: Exposure
     registry: CollectorRegistry
+    _stop: asyncio.Event
+    _served: asyncio.Task[None]
+
+    @property
+    def running(self) -> bool:
+        return not self._served.done()
+
+    async def stop(self) -> None:
+        """What SIGTERM does: stop listening, drain, close; returns once ``serve`` has."""
+        self._stop.set()
+        await self._served
 
     async def request(
         self, method: str, path: str, *, merchant: str | None = "store-001", **kwargs: Any
@@ -168,19 +179,12 @@ class RunningProxy:
 ProxyFactory = Callable[..., "AsyncIterator[RunningProxy]"]
 
 
-@dataclass
-class _Served:
-    proxy: RunningProxy
-    stop: asyncio.Event
-    task: asyncio.Task[None]
-
-
 @pytest.fixture
 async def start_proxy(
     token_server: TokenServer, pos_server: PosServer, ca_file: Path, exposure: Exposure
 ) -> AsyncIterator[Callable[..., Any]]:
     """Starts ``serve(config)`` with the fakes' configuration plus ``sections``."""
-    served: list[_Served] = []
+    proxies: list[RunningProxy] = []
 
     async def start(**sections: Any) -> RunningProxy:
         data = proxy_config(token_server.url, pos_server.url, ca_file, **sections)
@@ -205,17 +209,19 @@ async def start_proxy(
             session=session,
             exposure=exposure,
             registry=serving.app[STATE].metrics.registry,
+            _stop=stop,
+            _served=task,
         )
-        served.append(_Served(proxy, stop, task))
+        proxies.append(proxy)
         return proxy
 
     yield start
-    for each in served:
-        await each.proxy.metrics()
-        await each.proxy.session.close()
-        each.stop.set()
-    for each in served:
-        await each.task
+    for proxy in proxies:
+        if proxy.running:
+            await proxy.metrics()
+        await proxy.session.close()
+    for proxy in proxies:
+        await proxy.stop()
 
 
 @pytest.fixture
