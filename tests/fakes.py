@@ -142,3 +142,15 @@ async def start_tls_server(
     await site.start()
     port = runner.addresses[0][1]
     return runner, port
+
+
+def held_until(
+    release: asyncio.Event,
+) -> Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]:
+    """A :class:`PosServer` handler that answers ``{"ok": true}`` once ``release`` is set."""
+
+    async def held(request: web.Request, body: bytes) -> web.StreamResponse:
+        await release.wait()
+        return web.json_response({"ok": True})
+
+    return held

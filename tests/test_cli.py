@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from proxy.cli import main
-from tests.fakes import CLIENT_ID, CLIENT_SECRET, IBM_CLIENT_ID, PosServer
+from tests.fakes import CLIENT_ID, CLIENT_SECRET, IBM_CLIENT_ID, PosServer, held_until
 from tests.helpers.configs import proxy_config, write_config
 from tests.helpers.exposure import SECRET_VALUES, Exposure
-from tests.helpers.processes import Processes
+from tests.helpers.ports import refuses_connections
+from tests.helpers.processes import PROXY, Processes
 from tests.helpers.waiting import eventually
 
 CONFIG_ERROR = "mobilepay-proxy: configuration error: "
@@ -77,6 +78,31 @@ def test_check_config_prints_a_summary_without_secrets(
     _assert_no_secret(result.stdout)
 
 
+def test_check_config_names_a_shared_store_without_its_password(
+    tmp_path: Path, ca_file: Path, cli: Callable[..., Ran]
+) -> None:
+    store = "redis://:hunter2-redis@127.0.0.1:6390/0"
+    config = _config(tmp_path, ca_file, tokens={"store": store, "redis_prefix": "shop-7"})
+    result = cli("check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "token store:      redis://127.0.0.1:6390/0 (prefix shop-7)" in result.stdout
+    assert "hunter2" not in result.stdout
+
+
+async def test_a_taken_port_is_one_line_and_exit_1(
+    tmp_path: Path, ca_file: Path, processes: Processes
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = _config(tmp_path, ca_file, server={"port": taken.getsockname()[1]})
+        running = await processes.start(*PROXY, "--config", config)
+        assert await running.wait() == 1
+    (line,) = running.lines
+    assert " ERROR proxy: cannot start: " in line
+    assert line.lower().rstrip().endswith("address already in use")
+
+
 @pytest.mark.parametrize(
     ("merchants", "sections", "expected"),
     [
@@ -88,6 +114,57 @@ def test_check_config_prints_a_summary_without_secrets(
             {},
             "'10.0.0.0/33' is not a network",
         ),
+        ({"store-5": {"vat": "DK12345678", "nets": []}}, {}, "unknown key 'nets'"),
+        (
+            {"store-6": {"vat": "DK12345678", "networks": "10.0.0.0/8"}},
+            {},
+            "networks must be a list",
+        ),
+        ({}, {"server": {"metrics_port": 9180, "port": 9180}}, "port and metrics_port must differ"),
+        (
+            {},
+            {"server": {"drain_timeout_seconds": "long"}},
+            "drain_timeout_seconds must be a number",
+        ),
+        ({}, {"server": {"drain_timeout_seconds": -1}}, "drain_timeout_seconds must be at least 0"),
+        ({}, {"routing": {"header": " "}}, "[routing] header must be a non-empty string"),
+        ({}, {"routing": {"header": "X Merchant"}}, "is not a valid header name"),
+        ({}, {"routing": {"header": "Authorization"}}, "is reserved; choose another name"),
+        ({}, {"routing": {"allowed_prefixes": []}}, "allowed_prefixes must be a non-empty list"),
+        ({}, {"routing": {"allowed_prefixes": ["/pos/../"]}}, 'must look like "/pos/v10/"'),
+        (
+            {},
+            {"mobilepay": {"api_base_url": "https://user:pw@mobilepay.example"}},
+            "api_base_url must not carry credentials, a query or a fragment",
+        ),
+        (
+            {},
+            {"mobilepay": {"api_base_url": "https://mobilepay.example/pos"}},
+            "api_base_url must be a bare origin",
+        ),
+        ({}, {"mobilepay": {"ca_file": "absent.pem"}}, "[mobilepay] ca_file: "),
+        (
+            {},
+            {"mobilepay": {"client_secret_file": "absent.txt"}},
+            "client_secret_file: cannot read",
+        ),
+        (
+            {},
+            {"tokens": {"backoff_initial_seconds": 5, "backoff_max_seconds": 1}},
+            "backoff_max_seconds must not be below backoff_initial_seconds",
+        ),
+        ({}, {"tokens": {"store": "memcached://x"}}, "[tokens] store must be"),
+        (
+            {},
+            {"tokens": {"store": "redis://127.0.0.1:1/0", "redis_prefix": "a b"}},
+            "redis_prefix must be 1-64 letters",
+        ),
+        (
+            {},
+            {"tokens": {"store": "redis://127.0.0.1:1/0", "redis_password_file": "absent"}},
+            "[tokens] redis_password_file: cannot read",
+        ),
+        ({}, {"server": 1}, "[server] must be a table"),
     ],
 )
 def test_bad_config_is_one_clear_line_and_exit_2(
@@ -98,7 +175,7 @@ def test_bad_config_is_one_clear_line_and_exit_2(
     sections: dict[str, Any],
     expected: str,
 ) -> None:
-    routing = {"merchants": {"store-001": "DK10000001", **merchants}}
+    routing = {"merchants": {"store-001": "DK10000001", **merchants}, **sections.pop("routing", {})}
     config = _config(tmp_path, ca_file, routing=routing, **sections)
     for command in (["check-config"], []):
         result = cli(*command, "--config", config)
@@ -180,11 +257,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
 ) -> None:
     release = asyncio.Event()
 
-    async def held(request: web.Request, body: bytes) -> web.StreamResponse:
-        await release.wait()
-        return web.json_response({"ok": True})
-
-    pos_server.handler = held
+    pos_server.handler = held_until(release)
     data = proxy_config(pos_server.tokens.url, pos_server.url, ca_file)
     config = write_config(tmp_path / "proxy.toml", data)
     proxy = await processes.start_proxy(config)
@@ -203,15 +276,8 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
         await eventually(lambda: len(pos_server.requests) == in_flight, "every request upstream")
         proxy.running.signal(signal.SIGTERM)
 
-        async def refused() -> bool:
-            try:
-                async with aiohttp.ClientSession() as fresh, fresh.get(f"{proxy.url}/"):
-                    return False
-            except aiohttp.ClientConnectionError:
-                return True
-
         # Stops taking connections at once, while every request in flight is still held.
-        await eventually(refused, "new connections refused")
+        await eventually(lambda: refuses_connections(proxy.url), "new connections refused")
         assert not any(call.done() for call in calls)
         release.set()
         statuses = await asyncio.gather(*calls)

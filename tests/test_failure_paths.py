@@ -26,7 +26,7 @@ from proxy.config import ConfigError, parse_config
 from proxy.edge import EdgeServer
 from proxy.messages import Reply, Request
 from tests.conftest import RunningProxy
-from tests.fakes import PosServer, TokenServer, start_tls_server
+from tests.fakes import PosServer, TokenServer, held_until, start_tls_server
 from tests.helpers.configs import proxy_config, write_config
 from tests.helpers.exposure import Exposure
 from tests.helpers.processes import Processes
@@ -135,11 +135,7 @@ async def test_the_drain_timeout_aborts_what_is_still_in_flight(
 ) -> None:
     release = asyncio.Event()
 
-    async def held(request: web.Request, body: bytes) -> web.StreamResponse:
-        await release.wait()
-        return web.json_response({})
-
-    pos_server.handler = held
+    pos_server.handler = held_until(release)
     proxy: RunningProxy = await start_proxy(server={"drain_timeout_seconds": 0.2})
     terminal = await Connection.open(proxy.url, exposure)
     await terminal.send(

@@ -6,6 +6,7 @@ Bounded in time (SOAK_SECONDS, default 60) and in concurrency; it stops by itsel
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -53,8 +54,13 @@ def _metric(text: str, prefix: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(DURATION + 120)
-async def test_soak(tmp_path: Path, processes: Processes, exposure: Exposure) -> None:
+async def test_soak(
+    tmp_path: Path, processes: Processes, exposure: Exposure, caplog: pytest.LogCaptureFixture
+) -> None:
     exposure.secrets.update({CLIENT_SECRET, IBM_CLIENT_ID})
+    # The simulator runs in this process: its access line per request would cost the event
+    # loop both it and the load share.
+    caplog.set_level(logging.WARNING, logger="aiohttp.access")
     settings = SandboxSettings(
         port=0,
         tls=TlsSettings(directory=tmp_path / "tls"),

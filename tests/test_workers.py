@@ -21,14 +21,14 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import Metrics, WorkersMetrics
 from proxy.workers import RESTART_INITIAL_SECONDS, STOP_MARGIN_SECONDS, reserve_port
-from tests.fakes import PosServer, TokenServer
+from tests.fakes import PosServer, TokenServer, held_until
 from tests.helpers.configs import proxy_config, write_config
+from tests.helpers.ports import refuses_connections
 from tests.helpers.processes import PROXY, Processes, Proxy, Running
 from tests.helpers.waiting import eventually
 
@@ -234,30 +234,18 @@ async def test_a_killed_worker_is_restarted_and_no_request_fails(
     assert f"worker 0 (pid {victim}) was killed by SIGKILL; restarting it in" in log
 
 
-async def _refused(url: str) -> bool:
-    try:
-        async with aiohttp.ClientSession() as fresh, fresh.get(f"{url}/"):
-            return False
-    except aiohttp.ClientConnectionError:
-        return True
-
-
 @pytest.mark.slow
 async def test_sigterm_drains_every_worker_and_exits_0(
     tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
 ) -> None:
     release = asyncio.Event()
 
-    async def held(request: web.Request, body: bytes) -> web.StreamResponse:
-        await release.wait()
-        return web.json_response({"ok": True})
-
     async with supervised(tmp_path, ca_file, pos_server, processes) as proxy:
-        pos_server.handler = held
+        pos_server.handler = held_until(release)
         calls = asyncio.create_task(proxy.calls(100))
         await eventually(lambda: len(pos_server.requests) == 100, "100 requests in flight")
         proxy.process.signal(signal.SIGTERM)
-        await eventually(lambda: _refused(proxy.url), "new connections refused")
+        await eventually(lambda: refuses_connections(proxy.url), "new connections refused")
         assert not calls.done()
         release.set()
         assert await calls == [200] * 100

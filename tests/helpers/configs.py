@@ -38,6 +38,9 @@ def proxy_config(token_url: str, api_url: str, ca_file: Path, **sections: Any) -
         "upstream": {"timeout_seconds": 5},
     }
     for name, values in sections.items():
+        if not isinstance(values, Mapping):  # a value where a table belongs
+            data[name] = values
+            continue
         table = data.setdefault(name, {})
         for key, value in values.items():
             if value is None:

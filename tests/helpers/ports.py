@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 
+import aiohttp
 from yarl import URL
 
 # "127.0.0.1:8080" or "[::1]:8080", as the proxy and Prometheus log what they bound.
@@ -37,3 +38,12 @@ def unused_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def refuses_connections(url: str) -> bool:
+    """Whether nothing accepts a connection at ``url`` any more (a server stopped listening)."""
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"{url}/"):
+            return False
+    except aiohttp.ClientConnectionError:
+        return True
