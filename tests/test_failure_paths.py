@@ -8,6 +8,7 @@ forced refresh fails, an undecryptable token in Redis, and new credentials on SI
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import ssl
@@ -241,11 +242,13 @@ async def test_sighup_with_new_credentials_drops_every_token(
     token_server: TokenServer,
     processes: Processes,
 ) -> None:
-    def write(token_url: str) -> Path:
-        data = proxy_config(token_url, pos_server.url, ca_file)
+    def write(token_url: str, upstream_timeout: float) -> Path:
+        data = proxy_config(
+            token_url, pos_server.url, ca_file, upstream={"timeout_seconds": upstream_timeout}
+        )
         return write_config(tmp_path / "proxy.toml", data)
 
-    proxy = await processes.start_proxy(write(token_server.url))
+    proxy = await processes.start_proxy(write(token_server.url, 5))
     keys = ("store-001", "store-002")
     async with aiohttp.ClientSession() as session:
 
@@ -259,7 +262,7 @@ async def test_sighup_with_new_credentials_drops_every_token(
         assert [await call(key) for key in keys] == [200, 200]
         assert token_server.count() == 2
         # Another token endpoint: the tokens held were issued under other credentials.
-        write(token_server.url + "-rotated")
+        write(token_server.url + "-rotated", 4)
         proxy.running.signal(signal.SIGHUP)
         await proxy.running.line(re.compile("reloaded .*proxy.toml"))
         assert [await call(key) for key in keys] == [200, 200]
@@ -269,3 +272,16 @@ async def test_sighup_with_new_credentials_drops_every_token(
     ] * 2
     fresh = {r.headers["Authorization"] for r in pos_server.requests[2:]}
     assert fresh == {f"Bearer {token}" for token in token_server.issued[2:]}
+    assert "changed settings that take effect only after a restart: upstream" in (
+        proxy.running.output
+    )
+
+
+async def test_sighup_without_a_file_keeps_the_configuration(
+    proxy: RunningProxy, exposure: Exposure
+) -> None:
+    # serve() in this process, from a configuration given as data: nothing to re-read.
+    os.kill(os.getpid(), signal.SIGHUP)
+    message = "reload requested, but the configuration did not come from a file"
+    await eventually(lambda: any(message in line for line in exposure.logs.lines), message)
+    assert (await proxy.request("GET", "/pos/v10/stores/s1"))[0] == 200

@@ -24,8 +24,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import ConfigError, parse_config
 from proxy.metrics import Metrics, WorkersMetrics
-from proxy.workers import RESTART_INITIAL_SECONDS, STOP_MARGIN_SECONDS, reserve_port
+from proxy.workers import (
+    RESTART_INITIAL_SECONDS,
+    STOP_MARGIN_SECONDS,
+    reserve_port,
+    supervise,
+)
 from tests.fakes import PosServer, TokenServer, held_until
 from tests.helpers.configs import proxy_config, write_config
 from tests.helpers.ports import refuses_connections
@@ -349,6 +355,15 @@ async def test_a_taken_port_stops_the_supervisor_with_exit_1(
         assert await running.wait() == 1
     assert "cannot start: Address already in use" in running.output
     assert "Traceback" not in running.output
+
+
+def test_workers_need_the_configuration_in_a_file(ca_file: Path) -> None:
+    data = proxy_config(
+        "https://127.0.0.1:1/t", "https://127.0.0.1:1", ca_file, server={"workers": 2}
+    )
+    config = parse_config(data, base_dir=Path("."), environ={})
+    with pytest.raises(ConfigError, match=r"\[server\] workers needs the configuration in a file"):
+        supervise(config, log_level="INFO", environ={})
 
 
 def test_reserved_port_is_shared_with_workers_only() -> None:
