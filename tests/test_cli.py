@@ -78,6 +78,16 @@ def test_check_config_prints_a_summary_without_secrets(
     _assert_no_secret(result.stdout)
 
 
+@pytest.mark.parametrize("command", ["sandbox", "demo"])
+def test_the_simulator_commands_answer_help(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mobilepay-proxy {command}")
+
+
 def test_check_config_names_a_shared_store_without_its_password(
     tmp_path: Path, ca_file: Path, cli: Callable[..., Ran]
 ) -> None:
@@ -175,6 +185,7 @@ def test_bad_config_is_one_clear_line_and_exit_2(
     sections: dict[str, Any],
     expected: str,
 ) -> None:
+    (tmp_path / "empty.txt").write_text("\n")
     routing = {"merchants": {"store-001": "DK10000001", **merchants}, **sections.pop("routing", {})}
     config = _config(tmp_path, ca_file, routing=routing, **sections)
     for command in (["check-config"], []):
@@ -196,12 +207,19 @@ def test_bad_config_is_one_clear_line_and_exit_2(
         ('[mobilepay]\nenvironment = "staging"', "environment must be one of sandbox, production"),
         ('[mobilepay]\napi_base_url = "http://insecure"', "api_base_url must be an https:// URL"),
         ('[mobilepay]\nclient_id = "x"\nibm_client_id = "y"', "client_secret is missing"),
+        (
+            '[mobilepay]\nclient_id = "x"\nclient_secret = "y"\nibm_client_id = "z"',
+            "[routing] no merchants: add [routing.merchants] or merchants_file",
+        ),
+        ('[server]\nhost = "caf\xe9"'.encode("latin-1"), "is not UTF-8 text"),
     ],
 )
-def test_malformed_files(tmp_path: Path, processes: Processes, text: str, expected: str) -> None:
+def test_malformed_files(
+    tmp_path: Path, cli: Callable[..., Ran], text: str | bytes, expected: str
+) -> None:
     config = tmp_path / "proxy.toml"
-    config.write_text(text)
-    result = processes.run_proxy("check-config", "--config", config)
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    result = cli("check-config", "--config", config)
     assert result.returncode == 2
     (line,) = result.stderr.splitlines()
     assert line.startswith(CONFIG_ERROR)
