@@ -176,9 +176,6 @@ class RunningProxy:
         return 0.0 if value is None else value
 
 
-ProxyFactory = Callable[..., "AsyncIterator[RunningProxy]"]
-
-
 @pytest.fixture
 async def start_proxy(
     token_server: TokenServer, pos_server: PosServer, ca_file: Path, exposure: Exposure

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 
 import aiohttp
@@ -15,10 +14,6 @@ ADDRESS = r"(?:\[[0-9a-fA-F:]+\]|[\w.-]+):\d+"
 def http_url(address: str) -> str:
     """``http://`` plus an address as a server logged it."""
     return f"http://{address}"
-
-
-def addresses_in(text: str) -> list[str]:
-    return re.findall(ADDRESS, text)
 
 
 def host_port(url: str) -> tuple[str, int]:
