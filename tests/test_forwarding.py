@@ -107,6 +107,7 @@ async def test_each_merchant_gets_its_own_token(
     assert sent["x-ibm-client-id"] == IBM_CLIENT_ID
 
 
+@pytest.mark.slow
 async def test_cold_start_is_single_flight_per_merchant(
     proxy: RunningProxy, token_server: TokenServer
 ) -> None:
