@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:
 #   make run    set up a virtualenv, start the local MobilePay simulator and the proxy
 #   make test   set up a virtualenv and run lint, type checks and the whole test suite
+#               under coverage (make test-fast: the quick loop, slow tests left out)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run demo test test-fast test-tools lint lock bench clean
+.PHONY: run demo test test-fast test-tools coverage lint lock bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,17 +59,31 @@ test-tools:
 		fi; \
 	fi
 
-# The whole suite, slow end-to-end, soak and shutdown tests included. pytest exits
-# non-zero when a test fails and with 5 when it collected nothing; both fail make.
-test: test-tools lint
-	$(BIN)/pytest -m "" -p no:cacheprovider
+# How long the soak test runs within make test (its own default is 60 s).
+SOAK_SECONDS ?= 30
+# The lowest total coverage of proxy/ (the simulator aside, branches included) that
+# `make coverage` accepts: measured at 94.8 % (96 % of statements).
+COVERAGE_FLOOR := 94
 
-test-fast: $(BIN)/.installed
+# Lint, then the whole suite under coverage.
+test: lint coverage
+
+# The fast loop: every test not marked slow. pytest exits non-zero when a test fails and
+# with 5 when it collected nothing; both fail make.
+test-fast: test-tools $(BIN)/.installed
 	$(BIN)/pytest -p no:cacheprovider
+
+# The whole suite once, slow end-to-end, soak and shutdown tests included, measured in
+# every Python process it starts; then a report per file and the floor.
+coverage: test-tools $(BIN)/.installed
+	rm -f .coverage .coverage.*
+	SOAK_SECONDS=$(SOAK_SECONDS) $(BIN)/coverage run -m pytest -m "" -p no:cacheprovider
+	$(BIN)/coverage combine --quiet
+	$(BIN)/coverage report --fail-under=$(COVERAGE_FLOOR)
 
 bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .sandbox .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .sandbox .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,16 +43,27 @@ class WorkerSockets:
     control: Path
 
 
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What :func:`serve` is listening on once it accepts connections, and its app."""
+
+    terminals: list[str]
+    metrics: list[str]
+    app: web.Application
+
+
 async def serve(
     config: Config,
     *,
     environ: Mapping[str, str],
     stop: asyncio.Event | None = None,
     worker: WorkerSockets | None = None,
+    started: Callable[[Serving], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop`` is set), then drain in-flight requests.
 
-    SIGHUP re-reads the configuration file.
+    SIGHUP re-reads the configuration file. ``started`` is called once every socket
+    listens, with the addresses actually bound (port 0 becomes a free port).
     """
     stop = stop or asyncio.Event()
     reloads: asyncio.Queue[None] = asyncio.Queue(maxsize=1)
@@ -88,13 +99,20 @@ async def serve(
         await metrics_site.start()
         if state.metrics.multiprocess:
             publisher = asyncio.create_task(_publish_token_expiry(state))
+        serving = Serving(
+            terminals=[address_text(address) for address in edge.addresses],
+            metrics=[address_text(address) for address in metrics_runner.addresses],
+            app=app,
+        )
         log.info(
             "serving terminals on %s, metrics on %s, %d merchants, upstream %s",
-            ", ".join(_address(address) for address in edge.addresses),
-            ", ".join(_address(address) for address in metrics_runner.addresses),
+            ", ".join(serving.terminals),
+            ", ".join(serving.metrics),
             len(config.routing.merchants),
             config.mobilepay.api_base_url,
         )
+        if started is not None:
+            started(serving)
         reloader = asyncio.create_task(_reload_on_request(state, reloads, environ))
         await stop.wait()
         reloader.cancel()
@@ -146,7 +164,8 @@ async def _publish_token_expiry(state: ProxyState) -> None:
         await asyncio.sleep(TOKEN_EXPIRY_PUBLISH_SECONDS)
 
 
-def _address(address: str | tuple[Any, ...]) -> str:
+def address_text(address: str | tuple[Any, ...]) -> str:
+    """``host:port`` (``[host]:port`` for IPv6), or a unix socket's path, as logged."""
     if isinstance(address, str):  # a unix socket
         return address
     host, port = address[:2]

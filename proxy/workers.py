@@ -53,7 +53,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy.config import Config, ConfigError
 from proxy.metrics import WorkersMetrics
-from proxy.server import SIGNALS, WorkerSockets, serve
+from proxy.server import SIGNALS, WorkerSockets, address_text, serve
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,10 @@ class Supervisor:
                 )
             keepers = [asyncio.create_task(self._keep(worker)) for worker in self._workers]
             log.info(
-                "supervising %d workers: terminals on %s:%d, metrics on %s:%d",
+                "supervising %d workers: terminals on %s, metrics on %s",
                 len(self._workers),
-                server.host,
-                self._port,
-                server.metrics_host,
-                server.metrics_port,
+                address_text((server.host, self._port)),
+                ", ".join(address_text(address) for address in runner.addresses),
             )
             await stop.wait()
             return await self._stop(keepers)

@@ -1,16 +1,18 @@
 """Fixtures: a test CA, fake MobilePay servers over TLS, and the proxy under test on loopback.
 
-Every test also runs under a secrets guard: whatever the proxy logged, exported as a
-metric or answered during the test must not contain a credential or an issued token.
+Every test runs with no ``MOBILEPAY_*`` variable in its environment, and under a secret
+guard (tests/helpers/exposure.py): whatever the proxy logged, printed, exported as a metric
+or answered during the test must not contain a credential or an issued token.
 """
 
 from __future__ import annotations
 
-import base64
+import asyncio
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,73 +20,70 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry
 
-from proxy.app import STATE, create_app, create_metrics_app, proxy_handler
+from proxy.app import STATE
 from proxy.config import Config, parse_config
-from proxy.edge import EdgeServer
-from tests.fakes import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    IBM_CLIENT_ID,
-    PosServer,
-    TokenServer,
-    start_tls_server,
-)
+from proxy.server import Serving, serve
+from tests.fakes import PosServer, TokenServer, start_tls_server
+from tests.helpers.configs import MERCHANTS, proxy_config
+from tests.helpers.exposure import Exposure
+from tests.helpers.processes import Processes
 from tests.redis_server import RedisServer
 
-MERCHANTS = {f"store-{n:03d}": f"DK{10000000 + n}" for n in range(1, 11)}
+__all__ = ["MERCHANTS", "Exposure", "RunningProxy"]
+
 ROUTING_HEADER = "X-Merchant-Id"
-SECRET_VALUES: set[str] = {
-    CLIENT_SECRET,
-    IBM_CLIENT_ID,
-    base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode(),
-}
+# Read by the proxy (and prometheus_client) when set: a test must never see the operator's.
+ENVIRONMENT_PREFIXES = ("MOBILEPAY_",)
+ENVIRONMENT_NAMES = ("PROMETHEUS_MULTIPROC_DIR",)
 
 
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(level=logging.DEBUG)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+@pytest.fixture(scope="session", autouse=True)
+def empty_system_trust(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No system CA certificates: only a configured ``ca_file`` (the test CA) is trusted.
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
+    Tests never depend on the machine's CA bundle, and the proxy does not parse it anew for
+    every app it builds (about a tenth of a second each time).
+    """
+    empty = tmp_path_factory.mktemp("no-system-trust")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SSL_CERT_FILE", str(empty / "none.pem"))
+        patch.setenv("SSL_CERT_DIR", str(empty))
+        yield
 
 
-@dataclass
-class Exposure:
-    """Everything the proxy showed the outside world during one test."""
-
-    logs: _Capture
-    texts: list[str] = field(default_factory=list)
-    tokens: set[str] = field(default_factory=set)
-
-    def leaks(self) -> list[str]:
-        secrets = SECRET_VALUES | self.tokens
-        found = []
-        for text in [*self.logs.lines, *self.texts]:
-            found.extend(
-                f"{secret[:6]}... in {text[:120]!r}" for secret in secrets if secret in text
-            )
-        return found
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(ENVIRONMENT_PREFIXES) or name in ENVIRONMENT_NAMES:
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture(autouse=True)
 def exposure() -> Iterator[Exposure]:
-    capture = _Capture()
+    exposed = Exposure()
     root = logging.getLogger()
     previous = root.level
-    root.addHandler(capture)
+    root.addHandler(exposed.logs)
     root.setLevel(logging.DEBUG)
-    exposed = Exposure(capture)
     try:
         yield exposed
     finally:
-        root.removeHandler(capture)
+        root.removeHandler(exposed.logs)
         root.setLevel(previous)
-    leaks = exposed.leaks()
-    assert not leaks, f"secrets leaked: {leaks}"
+    exposed.check()
+
+
+@pytest.fixture
+async def processes(exposure: Exposure) -> AsyncIterator[Processes]:
+    """Starts programs; stops what is left at the end of the test, before the guard looks."""
+    started = Processes(exposure)
+    try:
+        yield started
+    finally:
+        await started.close()
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +111,7 @@ async def token_server(
 ) -> AsyncIterator[TokenServer]:
     server = TokenServer()
     runner, port = await start_tls_server(server.handle, server_tls)
-    server.url = f"https://127.0.0.1:{port}/integrator-authentication/connect/token"  # type: ignore[attr-defined]
+    server.url = f"https://127.0.0.1:{port}/integrator-authentication/connect/token"
     yield server
     exposure.tokens.update(server.issued)
     await runner.cleanup()
@@ -124,32 +123,15 @@ async def pos_server(
 ) -> AsyncIterator[PosServer]:
     server = PosServer(tokens=token_server)
     runner, port = await start_tls_server(server.handle, server_tls)
-    server.url = f"https://127.0.0.1:{port}"  # type: ignore[attr-defined]
+    server.url = f"https://127.0.0.1:{port}"
     yield server
     await runner.cleanup()
 
 
-def config_data(token_url: str, api_url: str, ca_file: Path, **sections: Any) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": 0, "metrics_host": "127.0.0.1", "metrics_port": 0},
-        "mobilepay": {
-            "api_base_url": api_url,
-            "token_url": token_url,
-            "ca_file": str(ca_file),
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "ibm_client_id": IBM_CLIENT_ID,
-        },
-        "routing": {"merchants": dict(MERCHANTS)},
-        "upstream": {"timeout_seconds": 5},
-    }
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return data
-
-
 @dataclass
 class RunningProxy:
+    """The proxy as ``proxy.server.serve`` runs it, on this test's event loop."""
+
     url: str
     metrics_url: str
     config: Config
@@ -157,10 +139,21 @@ class RunningProxy:
     session: aiohttp.ClientSession
     exposure: Exposure
     registry: CollectorRegistry
+    _stop: asyncio.Event
+    _served: asyncio.Task[None]
+
+    @property
+    def running(self) -> bool:
+        return not self._served.done()
+
+    async def stop(self) -> None:
+        """What SIGTERM does: stop listening, drain, close; returns once ``serve`` has."""
+        self._stop.set()
+        await self._served
 
     async def request(
         self, method: str, path: str, *, merchant: str | None = "store-001", **kwargs: Any
-    ) -> tuple[int, aiohttp.typedefs.LooseHeaders, bytes]:
+    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
         headers = dict(kwargs.pop("headers", {}))
         if merchant is not None:
             headers.setdefault(ROUTING_HEADER, merchant)
@@ -183,63 +176,49 @@ class RunningProxy:
         return 0.0 if value is None else value
 
 
-ProxyFactory = Callable[..., "AsyncIterator[RunningProxy]"]
-
-
 @pytest.fixture
 async def start_proxy(
     token_server: TokenServer, pos_server: PosServer, ca_file: Path, exposure: Exposure
 ) -> AsyncIterator[Callable[..., Any]]:
-    runners: list[web.AppRunner] = []
-    edges: list[EdgeServer] = []
-    sessions: list[aiohttp.ClientSession] = []
+    """Starts ``serve(config)`` with the fakes' configuration plus ``sections``."""
     proxies: list[RunningProxy] = []
 
     async def start(**sections: Any) -> RunningProxy:
-        data = config_data(
-            token_server.url,
-            pos_server.url,
-            ca_file,
-            **sections,  # type: ignore[attr-defined]
-        )
+        data = proxy_config(token_server.url, pos_server.url, ca_file, **sections)
         config = parse_config(data, base_dir=Path("."), environ={})
-        registry = CollectorRegistry()
-        app = create_app(config, registry=registry)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        runners.append(runner)
-        edge = EdgeServer(proxy_handler(app), config.server)
-        edges.append(edge)
-        await edge.listen("127.0.0.1", 0)
-        metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
-        await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, "127.0.0.1", 0).start()
-        runners.append(metrics_runner)
+        stop = asyncio.Event()
+        started: asyncio.Future[Serving] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(serve(config, environ={}, stop=stop, started=started.set_result))
+        first: list[asyncio.Future[Any]] = [task, started]
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if not started.done():
+            task.result()  # what stopped it from starting
+            raise AssertionError("serve() returned without starting")
+        serving = started.result()
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
         )
-        sessions.append(session)
         proxy = RunningProxy(
-            url=f"http://127.0.0.1:{edge.addresses[0][1]}",
-            metrics_url=f"http://127.0.0.1:{metrics_runner.addresses[0][1]}",
+            url=f"http://{serving.terminals[0]}",
+            metrics_url=f"http://{serving.metrics[0]}",
             config=config,
-            app=app,
+            app=serving.app,
             session=session,
             exposure=exposure,
-            registry=registry,
+            registry=serving.app[STATE].metrics.registry,
+            _stop=stop,
+            _served=task,
         )
         proxies.append(proxy)
         return proxy
 
     yield start
     for proxy in proxies:
-        await proxy.metrics()
-    for session in sessions:
-        await session.close()
-    for edge in edges:
-        await edge.close(1)
-    for runner in reversed(runners):
-        await runner.cleanup()
+        if proxy.running:
+            await proxy.metrics()
+        await proxy.session.close()
+    for proxy in proxies:
+        await proxy.stop()
 
 
 @pytest.fixture
@@ -249,10 +228,11 @@ async def proxy(start_proxy: Callable[..., Any]) -> RunningProxy:
 
 
 @pytest.fixture
-def redis_server(unused_tcp_port_factory: Callable[[], int]) -> Iterator[RedisServer]:
-    server = RedisServer(unused_tcp_port_factory())
+def redis_server(exposure: Exposure, tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis.log")
     server.start()
     try:
         yield server
     finally:
         server.stop()
+        exposure.texts.append(server.log())

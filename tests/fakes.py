@@ -48,6 +48,8 @@ def make_jwt(vat: str, lifetime: float, serial: int) -> str:
 class TokenServer:
     """A token endpoint: checks the client credentials, issues numbered tokens per VAT."""
 
+    # Where it listens, once started (the token_server fixture).
+    url: str = ""
     lifetime: float = 3600.0
     expires_in: Any = None
     delay: float = 0.0
@@ -100,6 +102,8 @@ class PosServer:
     """A PoS V10 upstream that records each request and answers per a pluggable handler."""
 
     tokens: TokenServer
+    # Where it listens, once started (the pos_server fixture).
+    url: str = ""
     requests: list[Received] = field(default_factory=list)
     handler: Callable[[web.Request, bytes], Awaitable[web.StreamResponse]] | None = None
     # Tokens this upstream refuses with 401 (as MobilePay would a revoked one).
@@ -138,3 +142,15 @@ async def start_tls_server(
     await site.start()
     port = runner.addresses[0][1]
     return runner, port
+
+
+def held_until(
+    release: asyncio.Event,
+) -> Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]:
+    """A :class:`PosServer` handler that answers ``{"ok": true}`` once ``release`` is set."""
+
+    async def held(request: web.Request, body: bytes) -> web.StreamResponse:
+        await release.wait()
+        return web.json_response({"ok": True})
+
+    return held

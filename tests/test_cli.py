@@ -3,125 +3,199 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.fakes import CLIENT_ID, CLIENT_SECRET, IBM_CLIENT_ID, PosServer
+from proxy.cli import main
+from tests.fakes import CLIENT_ID, CLIENT_SECRET, IBM_CLIENT_ID, PosServer, held_until
+from tests.helpers.configs import proxy_config, write_config
+from tests.helpers.exposure import SECRET_VALUES, Exposure
+from tests.helpers.ports import refuses_connections
+from tests.helpers.processes import PROXY, Processes
+from tests.helpers.waiting import eventually
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
+CONFIG_ERROR = "mobilepay-proxy: configuration error: "
+UNREACHABLE = "https://127.0.0.1:1"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def _write_config(
-    path: Path,
-    *,
-    api: str,
-    token: str,
-    ca_file: Path,
-    port: int = 0,
-    metrics_port: int = 0,
-    extra: str = "",
-    extra_server: str = "",
-) -> Path:
-    secret = path.parent / "client_secret.txt"
-    secret.write_text(CLIENT_SECRET + "\n")
-    path.write_text(
-        f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-metrics_host = "127.0.0.1"
-metrics_port = {metrics_port}
-drain_timeout_seconds = 10
-{extra_server}
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], exposure: Exposure) -> Callable[..., Ran]:
+    """``mobilepay-proxy ARGS`` through its entry point in this process: for the answers
+    given before anything starts, where a new interpreter per case would only cost time."""
 
-[mobilepay]
-api_base_url = "{api}"
-token_url = "{token}"
-ca_file = "{ca_file}"
-client_id = "{CLIENT_ID}"
-client_secret_file = "client_secret.txt"
-ibm_client_id = "{IBM_CLIENT_ID}"
+    def run(*args: str | Path) -> Ran:
+        capsys.readouterr()
+        code = main([str(arg) for arg in args])
+        out, err = capsys.readouterr()
+        exposure.texts += [out, err]
+        return Ran(code, out, err)
 
-[routing.merchants]
-"store-001" = "DK10000001"
-{extra}
-"""
-    )
-    return path
+    return run
 
 
-def test_check_config_prints_a_summary_without_secrets(tmp_path: Path, ca_file: Path) -> None:
-    config = _write_config(
-        tmp_path / "proxy.toml",
-        api="https://127.0.0.1:1",
-        token="https://127.0.0.1:1/t",
-        ca_file=ca_file,
-    )
-    result = _cli("check-config", "--config", str(config))
+def _config(tmp_path: Path, ca_file: Path, **sections: Any) -> Path:
+    """One merchant, the client secret in a file beside the configuration."""
+    (tmp_path / "client_secret.txt").write_text(CLIENT_SECRET + "\n")
+    sections.setdefault("mobilepay", {})
+    sections["mobilepay"] = {
+        "client_secret": None,
+        "client_secret_file": "client_secret.txt",
+        **sections["mobilepay"],
+    }
+    sections.setdefault("routing", {"merchants": {"store-001": "DK10000001"}})
+    data = proxy_config(f"{UNREACHABLE}/t", UNREACHABLE, ca_file, **sections)
+    return write_config(tmp_path / "proxy.toml", data)
+
+
+def _assert_no_secret(text: str) -> None:
+    for secret in (*SECRET_VALUES, CLIENT_ID):
+        assert secret not in text
+
+
+def test_check_config_prints_a_summary_without_secrets(
+    tmp_path: Path, ca_file: Path, processes: Processes
+) -> None:
+    config = _config(tmp_path, ca_file)
+    result = processes.run_proxy("check-config", "--config", config)
     assert result.returncode == 0, result.stderr
-    assert "OK" in result.stdout
-    assert "1 keys, 1 VATs" in result.stdout
-    for secret in (CLIENT_SECRET, IBM_CLIENT_ID, CLIENT_ID):
-        assert secret not in result.stdout + result.stderr
+    assert result.stdout.startswith(f"{config}: OK\n")
+    assert "merchants:        1 keys, 1 VATs, 0 restricted to source networks" in result.stdout
+    assert result.stderr == ""
+    _assert_no_secret(result.stdout)
+
+
+@pytest.mark.parametrize("command", ["sandbox", "demo"])
+def test_the_simulator_commands_answer_help(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: mobilepay-proxy {command}")
+
+
+def test_check_config_names_a_shared_store_without_its_password(
+    tmp_path: Path, ca_file: Path, cli: Callable[..., Ran]
+) -> None:
+    store = "redis://:hunter2-redis@127.0.0.1:6390/0"
+    config = _config(tmp_path, ca_file, tokens={"store": store, "redis_prefix": "shop-7"})
+    result = cli("check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    assert "token store:      redis://127.0.0.1:6390/0 (prefix shop-7)" in result.stdout
+    assert "hunter2" not in result.stdout
+
+
+async def test_a_taken_port_is_one_line_and_exit_1(
+    tmp_path: Path, ca_file: Path, processes: Processes
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = _config(tmp_path, ca_file, server={"port": taken.getsockname()[1]})
+        running = await processes.start(*PROXY, "--config", config)
+        assert await running.wait() == 1
+    (line,) = running.lines
+    assert " ERROR proxy: cannot start: " in line
+    assert line.lower().rstrip().endswith("address already in use")
 
 
 @pytest.mark.parametrize(
-    ("extra", "env", "expected"),
+    ("merchants", "sections", "expected"),
     [
-        ('"store-002" = "DK123"', {}, "VAT 'DK123' must look like DK12345678"),
-        ('"store 3" = "DK12345678"', {}, "the key must be 1-64 letters"),
-        ("[tuning]\nfast = true", {}, "unknown key 'tuning'"),
+        ({"store-002": "DK123"}, {}, "VAT 'DK123' must look like DK12345678"),
+        ({"store 3": "DK12345678"}, {}, "the key must be 1-64 letters"),
+        ({}, {"tuning": {"fast": True}}, "unknown key 'tuning'"),
         (
-            '"store-004" = { vat = "DK12345678", networks = ["10.0.0.0/33"] }',
+            {"store-004": {"vat": "DK12345678", "networks": ["10.0.0.0/33"]}},
             {},
             "'10.0.0.0/33' is not a network",
         ),
+        ({"store-5": {"vat": "DK12345678", "nets": []}}, {}, "unknown key 'nets'"),
+        (
+            {"store-6": {"vat": "DK12345678", "networks": "10.0.0.0/8"}},
+            {},
+            "networks must be a list",
+        ),
+        ({}, {"server": {"metrics_port": 9180, "port": 9180}}, "port and metrics_port must differ"),
+        (
+            {},
+            {"server": {"drain_timeout_seconds": "long"}},
+            "drain_timeout_seconds must be a number",
+        ),
+        ({}, {"server": {"drain_timeout_seconds": -1}}, "drain_timeout_seconds must be at least 0"),
+        ({}, {"routing": {"header": " "}}, "[routing] header must be a non-empty string"),
+        ({}, {"routing": {"header": "X Merchant"}}, "is not a valid header name"),
+        ({}, {"routing": {"header": "Authorization"}}, "is reserved; choose another name"),
+        ({}, {"routing": {"allowed_prefixes": []}}, "allowed_prefixes must be a non-empty list"),
+        ({}, {"routing": {"allowed_prefixes": ["/pos/../"]}}, 'must look like "/pos/v10/"'),
+        (
+            {},
+            {"mobilepay": {"api_base_url": "https://user:pw@mobilepay.example"}},
+            "api_base_url must not carry credentials, a query or a fragment",
+        ),
+        (
+            {},
+            {"mobilepay": {"api_base_url": "https://mobilepay.example/pos"}},
+            "api_base_url must be a bare origin",
+        ),
+        ({}, {"mobilepay": {"ca_file": "absent.pem"}}, "[mobilepay] ca_file: "),
+        (
+            {},
+            {"mobilepay": {"client_secret_file": "absent.txt"}},
+            "client_secret_file: cannot read",
+        ),
+        (
+            {},
+            {"tokens": {"backoff_initial_seconds": 5, "backoff_max_seconds": 1}},
+            "backoff_max_seconds must not be below backoff_initial_seconds",
+        ),
+        ({}, {"tokens": {"store": "memcached://x"}}, "[tokens] store must be"),
+        (
+            {},
+            {"tokens": {"store": "redis://127.0.0.1:1/0", "redis_prefix": "a b"}},
+            "redis_prefix must be 1-64 letters",
+        ),
+        (
+            {},
+            {"tokens": {"store": "redis://127.0.0.1:1/0", "redis_password_file": "absent"}},
+            "[tokens] redis_password_file: cannot read",
+        ),
+        ({}, {"server": 1}, "[server] must be a table"),
     ],
 )
 def test_bad_config_is_one_clear_line_and_exit_2(
-    tmp_path: Path, ca_file: Path, extra: str, env: dict[str, str], expected: str
+    tmp_path: Path,
+    ca_file: Path,
+    cli: Callable[..., Ran],
+    merchants: dict[str, Any],
+    sections: dict[str, Any],
+    expected: str,
 ) -> None:
-    config = _write_config(
-        tmp_path / "proxy.toml",
-        api="https://127.0.0.1:1",
-        token="https://127.0.0.1:1/t",
-        ca_file=ca_file,
-        extra=extra,
-    )
+    (tmp_path / "empty.txt").write_text("\n")
+    routing = {"merchants": {"store-001": "DK10000001", **merchants}, **sections.pop("routing", {})}
+    config = _config(tmp_path, ca_file, routing=routing, **sections)
     for command in (["check-config"], []):
-        result = _cli(*command, "--config", str(config), env=env)
-        assert result.returncode == 2
-        assert expected in result.stderr
-        assert "Traceback" not in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-        assert CLIENT_SECRET not in result.stderr
+        result = cli(*command, "--config", config)
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(CONFIG_ERROR)
+        assert expected in line
+        assert result.stdout == ""
+        _assert_no_secret(result.stderr)
 
 
 @pytest.mark.parametrize(
@@ -133,121 +207,101 @@ def test_bad_config_is_one_clear_line_and_exit_2(
         ('[mobilepay]\nenvironment = "staging"', "environment must be one of sandbox, production"),
         ('[mobilepay]\napi_base_url = "http://insecure"', "api_base_url must be an https:// URL"),
         ('[mobilepay]\nclient_id = "x"\nibm_client_id = "y"', "client_secret is missing"),
+        (
+            '[mobilepay]\nclient_id = "x"\nclient_secret = "y"\nibm_client_id = "z"',
+            "[routing] no merchants: add [routing.merchants] or merchants_file",
+        ),
+        ('[server]\nhost = "caf\xe9"'.encode("latin-1"), "is not UTF-8 text"),
     ],
 )
-def test_malformed_files(tmp_path: Path, text: str, expected: str) -> None:
+def test_malformed_files(
+    tmp_path: Path, cli: Callable[..., Ran], text: str | bytes, expected: str
+) -> None:
     config = tmp_path / "proxy.toml"
-    config.write_text(text)
-    result = _cli("check-config", "--config", str(config))
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    result = cli("check-config", "--config", config)
     assert result.returncode == 2
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(CONFIG_ERROR)
+    assert expected in line
 
 
-def test_missing_file_and_secrets_from_environment(tmp_path: Path, ca_file: Path) -> None:
-    result = _cli("check-config", "--config", str(tmp_path / "absent.toml"))
-    assert (result.returncode, "cannot read" in result.stderr) == (2, True)
+def test_missing_file_and_secrets_from_environment(
+    tmp_path: Path,
+    ca_file: Path,
+    cli: Callable[..., Ran],
+    exposure: Exposure,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    absent = tmp_path / "absent.toml"
+    result = cli("check-config", "--config", absent)
+    assert result.returncode == 2
+    assert result.stderr == f"{CONFIG_ERROR}cannot read {absent}: No such file or directory\n"
+
     config = tmp_path / "proxy.toml"
     config.write_text(
         f'[mobilepay]\nca_file = "{ca_file}"\n[routing.merchants]\n"s1" = "FI12345678"\n'
     )
-    result = _cli("check-config", "--config", str(config))
+    result = cli("check-config", "--config", config)
     assert result.returncode == 2
+    assert result.stderr == (
+        f"{CONFIG_ERROR}[mobilepay] client_id is missing: "
+        "set client_id, client_id_file or $MOBILEPAY_CLIENT_ID\n"
+    )
+
     env = {
         "MOBILEPAY_CLIENT_ID": "a",
         "MOBILEPAY_CLIENT_SECRET": "b-secret-value",
         "MOBILEPAY_IBM_CLIENT_ID": "c-ibm-value",
     }
-    result = _cli("check-config", "--config", str(config), env=env)
+    exposure.secrets.update(list(env.values())[1:])
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = cli("check-config", "--config", config)
     assert result.returncode == 0, result.stderr
-    assert "b-secret-value" not in result.stdout
-    assert "c-ibm-value" not in result.stdout
+    assert "credentials:      client id, client secret and x-ibm-client-id set" in result.stdout
+    # Each one is needed: without it, the same file is refused for want of it.
+    for name, value in env.items():
+        monkeypatch.delenv(name)
+        result = cli("check-config", "--config", config)
+        assert result.returncode == 2
+        assert f"is missing: set {name.removeprefix('MOBILEPAY_').lower()}" in result.stderr
+        monkeypatch.setenv(name, value)
 
 
-async def spawn_proxy(
-    config: Path, stderr: int | None = None, log_level: str = "WARNING"
-) -> asyncio.subprocess.Process:
-    """``python -m proxy --config ...`` as an operator would start it."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "--config",
-        str(config),
-        "--log-level",
-        log_level,
-        cwd=ROOT,
-        stderr=stderr,
-    )
-
-
-async def _wait_until_up(url: str) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(100):
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never came up")
-
-
+@pytest.mark.slow
 async def test_sigterm_drains_in_flight_requests_and_exits_0(
-    tmp_path: Path, ca_file: Path, pos_server: PosServer
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
 ) -> None:
-    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
-        await asyncio.sleep(1.5)
-        return web.json_response({"ok": True})
+    release = asyncio.Event()
 
-    pos_server.handler = slow
-    port, metrics_port = _free_port(), _free_port()
-    config = _write_config(
-        tmp_path / "proxy.toml",
-        api=pos_server.url,  # type: ignore[attr-defined]
-        token=pos_server.tokens.url,  # type: ignore[attr-defined]
-        ca_file=ca_file,
-        port=port,
-        metrics_port=metrics_port,
-    )
-    process = await spawn_proxy(config, stderr=asyncio.subprocess.PIPE)
-    try:
-        await _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz")
-        base = f"http://127.0.0.1:{port}"
-        connector = aiohttp.TCPConnector(limit=0)
-        async with aiohttp.ClientSession(connector=connector) as session:
+    pos_server.handler = held_until(release)
+    data = proxy_config(pos_server.tokens.url, pos_server.url, ca_file)
+    config = write_config(tmp_path / "proxy.toml", data)
+    proxy = await processes.start_proxy(config)
+    in_flight = 50
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
 
-            async def call(i: int) -> int:
-                async with session.get(
-                    f"{base}/pos/v10/payments/{i}", headers={"X-Merchant-Id": "store-001"}
-                ) as response:
-                    await response.read()
-                    return response.status
+        async def call(i: int) -> int:
+            async with session.get(
+                f"{proxy.url}/pos/v10/payments/{i}", headers={"X-Merchant-Id": "store-001"}
+            ) as response:
+                await response.read()
+                return response.status
 
-            calls = [asyncio.create_task(call(i)) for i in range(200)]
-            for _ in range(100):
-                if len(pos_server.requests) >= 200:
-                    break
-                await asyncio.sleep(0.05)
-            assert len(pos_server.requests) == 200
-            process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            with pytest.raises(aiohttp.ClientConnectionError):
-                async with (
-                    aiohttp.ClientSession() as fresh,
-                    fresh.get(
-                        f"{base}/pos/v10/payments/late", headers={"X-Merchant-Id": "store-001"}
-                    ),
-                ):
-                    pass
-            statuses = await asyncio.gather(*calls)
-        assert statuses == [200] * 200
-        assert await asyncio.wait_for(process.wait(), 10) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    stderr = (await process.stderr.read()).decode() if process.stderr else ""
-    assert CLIENT_SECRET not in stderr
-    assert "Traceback" not in stderr
+        calls = [asyncio.create_task(call(i)) for i in range(in_flight)]
+        await eventually(lambda: len(pos_server.requests) == in_flight, "every request upstream")
+        proxy.running.signal(signal.SIGTERM)
+
+        # Stops taking connections at once, while every request in flight is still held.
+        await eventually(lambda: refuses_connections(proxy.url), "new connections refused")
+        assert not any(call.done() for call in calls)
+        release.set()
+        statuses = await asyncio.gather(*calls)
+    assert statuses == [200] * in_flight
+    assert await proxy.running.wait() == 0
+    assert "Traceback" not in proxy.running.output
+    assert "stopped" in proxy.running.lines[-1]
+    for secret in (*SECRET_VALUES, IBM_CLIENT_ID, *pos_server.tokens.issued):
+        assert secret not in proxy.running.output

@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import email.utils
 import itertools
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -22,116 +20,12 @@ from aiohttp import web
 
 from tests.conftest import Exposure, RunningProxy
 from tests.fakes import PosServer
-from tests.rawhttp import request_bytes
+from tests.helpers.rawhttp import Answer, Connection, request_bytes
 
 M = ("X-Merchant-Id", "store-001")
 IN_FLIGHT = "mobilepay_proxy_in_flight_requests"
 # A connection the proxy keeps must show no sign of closing for this long.
 STAYS_OPEN = 0.2
-
-
-@dataclass
-class Answer:
-    """One response exactly as it came over the wire."""
-
-    version: str
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def all(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key.lower() == name.lower()]
-
-    def header(self, name: str) -> str | None:
-        values = self.all(name)
-        assert len(values) <= 1, f"{name} sent {len(values)} times: {values}"
-        return values[0] if values else None
-
-    def connection_options(self) -> set[str]:
-        return {
-            option.strip().lower()
-            for value in self.all("connection")
-            for option in value.split(",")
-            if option.strip()
-        }
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class Connection:
-    """One terminal connection to the proxy, driven byte by byte."""
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exposure: Exposure
-    ) -> None:
-        self._reader = reader
-        self._writer = writer
-        self._exposure = exposure
-
-    async def send(self, data: bytes) -> None:
-        self._writer.write(data)
-        await self._writer.drain()
-
-    async def response(self, *, wait: float = 5.0, interim: bool = False) -> Answer:
-        """The next response; interim (1xx) ones are skipped unless ``interim``."""
-        async with asyncio.timeout(wait):
-            while True:
-                answer = await self._read_one()
-                if interim or answer.status >= 200:
-                    return answer
-
-    async def closes(self, *, wait: float = 3.0) -> bool:
-        """Whether the proxy ends the connection within ``wait`` without sending more."""
-        try:
-            async with asyncio.timeout(wait):
-                extra = await self._reader.read(65536)
-        except TimeoutError:
-            return False
-        except ConnectionError:
-            return True
-        assert extra == b"", f"unexpected bytes after the last response: {extra[:200]!r}"
-        return True
-
-    def finish_sending(self) -> None:
-        self._writer.write_eof()
-
-    async def close(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self._writer.wait_closed()
-
-    async def _read_one(self) -> Answer:
-        head = await self._reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
-        version, status, *_ = status_line.split(" ", 2)
-        headers = []
-        for line in lines:
-            name, colon, value = line.partition(":")
-            assert colon, f"not a header line: {line!r}"
-            headers.append((name, value.strip()))
-        answer = Answer(version, int(status), headers, b"")
-        if answer.status >= 200 and answer.status not in (204, 304):
-            answer.body = await self._read_body(answer)
-        self._exposure.texts.append(head.decode("latin-1"))
-        self._exposure.texts.append(answer.body.decode(errors="replace"))
-        return answer
-
-    async def _read_body(self, answer: Answer) -> bytes:
-        if answer.all("transfer-encoding"):
-            assert answer.all("transfer-encoding") == ["chunked"]
-            chunks: list[bytes] = []
-            while True:
-                size = int((await self._reader.readuntil(b"\r\n")).split(b";")[0], 16)
-                if size == 0:
-                    await self._reader.readuntil(b"\r\n\r\n")  # trailers, if any
-                    return b"".join(chunks)
-                chunks.append(await self._reader.readexactly(size))
-                assert await self._reader.readexactly(2) == b"\r\n"
-        lengths = answer.all("content-length")
-        if lengths:
-            return await self._reader.readexactly(int(lengths[0]))
-        return await self._reader.read()  # delimited by the end of the connection
 
 
 Connect = Callable[[RunningProxy], Awaitable[Connection]]
@@ -142,9 +36,7 @@ async def connect(exposure: Exposure) -> AsyncIterator[Connect]:
     opened: list[Connection] = []
 
     async def open_connection(proxy: RunningProxy) -> Connection:
-        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        connection = Connection(reader, writer, exposure)
+        connection = await Connection.open(proxy.url, exposure)
         opened.append(connection)
         return connection
 

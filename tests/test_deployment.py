@@ -8,7 +8,6 @@ package, which ``.ci/run`` installs) these tests fail rather than skip.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -34,6 +33,10 @@ from proxy.sandbox import demo as demo_cli
 from proxy.sandbox.settings import SandboxSettings
 from proxy.sandbox.tls import CA_CERT
 from tests.deployment_files import COMPOSE_FILE, DOCKERFILE, ROOT, Compose, exec_form, stages
+from tests.helpers.dashboard import DASHBOARD
+from tests.helpers.dashboard import dashboard_queries as _dashboard_queries
+from tests.helpers.dashboard import load_dashboard as _dashboard
+from tests.helpers.dashboard import panels as _panels
 
 DOCKERIGNORE = ROOT / ".dockerignore"
 LOCK_FILE = ROOT / "requirements.lock"
@@ -41,7 +44,6 @@ PROMETHEUS_CONFIG = ROOT / "config" / "prometheus.yml"
 ALERT_RULES = ROOT / "config" / "alerts.yml"
 GRAFANA_DATASOURCES = ROOT / "config" / "grafana" / "provisioning" / "datasources"
 GRAFANA_DASHBOARD_PROVIDERS = ROOT / "config" / "grafana" / "provisioning" / "dashboards"
-DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "mobilepay-proxy.json"
 DEMO_CONFIG = ROOT / "config" / "docker" / "proxy.toml"
 PRODUCTION_CONFIG = ROOT / "config" / "docker" / "proxy.production.toml"
 PROXY_JOB = "mobilepay-proxy"
@@ -693,17 +695,6 @@ def _datasource() -> dict[str, Any]:
     return source
 
 
-def _dashboard() -> dict[str, Any]:
-    dashboard: dict[str, Any] = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    return dashboard
-
-
-def _panels(dashboard: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    for panel in dashboard["panels"]:
-        yield panel
-        yield from panel.get("panels", [])
-
-
 def test_grafana_is_provisioned_with_this_prometheus_and_dashboard(compose: Compose) -> None:
     source = _datasource()
     assert source["type"] == "prometheus"
@@ -763,19 +754,6 @@ def _exported() -> dict[str, str]:
         for sample in family.samples:
             names[sample.name] = family.name
     return names
-
-
-def _dashboard_queries() -> list[tuple[str, str]]:
-    dashboard = _dashboard()
-    queries = [
-        (panel["title"], target["expr"])
-        for panel in _panels(dashboard)
-        for target in panel.get("targets", [])
-    ]
-    for variable in dashboard["templating"]["list"]:
-        query = variable.get("query")
-        queries.append((variable["name"], query["query"] if isinstance(query, dict) else query))
-    return queries
 
 
 def _alert_queries() -> list[tuple[str, str]]:

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from tests.conftest import MERCHANTS, RunningProxy
@@ -106,6 +107,7 @@ async def test_each_merchant_gets_its_own_token(
     assert sent["x-ibm-client-id"] == IBM_CLIENT_ID
 
 
+@pytest.mark.slow
 async def test_cold_start_is_single_flight_per_merchant(
     proxy: RunningProxy, token_server: TokenServer
 ) -> None:
@@ -190,6 +192,7 @@ async def test_a_401_storm_costs_one_forced_fetch(
     assert token_server.count() == 2
 
 
+@pytest.mark.slow
 async def test_token_is_refreshed_ahead_of_expiry_in_the_background(
     start_proxy: Callable[..., Any], pos_server: PosServer, token_server: TokenServer
 ) -> None:

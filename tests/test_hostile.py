@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import RunningProxy
 from tests.fakes import PosServer, TokenServer
-from tests.rawhttp import request_bytes, send_raw
+from tests.helpers.rawhttp import request_bytes, send_raw
 
 M = ("X-Merchant-Id", "store-001")
 GET_PAYMENT = "/pos/v10/payments/1"

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from proxy.app import STATE, apply_config
 from tests.conftest import RunningProxy
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, TokenServer
-from tests.rawhttp import RawResponse, request_bytes, send_raw
+from tests.helpers.rawhttp import RawResponse, request_bytes, send_raw
 from tests.redis_server import RedisServer
 from tests.test_money_safety import (
     ROTATED_ID,

@@ -26,8 +26,9 @@ from proxy.tokens.fetcher import TokenFetcher
 from proxy.tokens.manager import TokenManager
 from proxy.tokens.store import MemoryTokenStore
 from proxy.upstream import create_session
-from tests.conftest import MERCHANTS, RunningProxy, config_data
+from tests.conftest import MERCHANTS, RunningProxy
 from tests.fakes import PosServer, TokenServer, make_jwt
+from tests.helpers.configs import proxy_config
 from tests.test_upstream_faults import FaultServer, fault_server
 
 __all__ = ["fault_server"]  # a fixture, used by name
@@ -60,7 +61,7 @@ def accept_rotated_credentials(
 def reloaded(proxy: RunningProxy, **sections: Any) -> Config:
     """The running proxy's configuration with some sections changed, as a reload reads it."""
     mobilepay = proxy.config.mobilepay
-    data = config_data(
+    data = proxy_config(
         str(mobilepay.token_url), str(mobilepay.api_base_url), Path(str(mobilepay.ca_file))
     )
     for name, values in sections.items():
@@ -171,7 +172,7 @@ async def test_backoff_survives_thousands_of_consecutive_failures(
 
     token_server.fault = failing
     config = parse_config(
-        config_data(token_server.url, pos_server.url, ca_file),  # type: ignore[attr-defined]
+        proxy_config(token_server.url, pos_server.url, ca_file),
         base_dir=Path("."),
         environ={},
     )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,10 +21,12 @@ import yaml
 from yarl import URL
 
 from tests.conftest import RunningProxy
+from tests.helpers import ROOT
+from tests.helpers.dashboard import panel_queries
+from tests.helpers.ports import ADDRESS
+from tests.helpers.processes import Processes, Running
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = ROOT / "config" / "prometheus.yml"
-DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "mobilepay-proxy.json"
 PROXY_JOB = "mobilepay-proxy"
 WAIT_SECONDS = 30.0
 # Grafana fills these in before a query reaches Prometheus.
@@ -34,13 +36,6 @@ NOT_EVALUATED = "0001-01-01T00:00:00Z"
 T = TypeVar("T")
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _prometheus_config(target: str) -> dict[str, Any]:
@@ -53,16 +48,20 @@ def _prometheus_config(target: str) -> dict[str, Any]:
     return config
 
 
+# Prometheus logs the address it bound (port 0 asked for): address=127.0.0.1:40123
+LISTENING = re.compile(rf'msg="Listening on" address=({ADDRESS})')
+READY = re.compile("Server is ready to receive web requests")
+
+
 class Prometheus:
-    def __init__(self, process: asyncio.subprocess.Process, api: URL, log: Path) -> None:
-        self.process = process
+    def __init__(self, running: Running, api: URL) -> None:
+        self.running = running
         self.api = api
-        self.log = log
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
 
     def fail(self, message: str) -> None:
-        tail = self.log.read_text(errors="replace").splitlines()[-20:]
-        pytest.fail(f"{message}\nprometheus log:\n" + "\n".join(tail), pytrace=False)
+        tail = self.running.lines[-20:]
+        pytest.fail(f"{message}\nprometheus log:\n" + "".join(tail), pytrace=False)
 
     async def get(self, path: str, *, why: str = "", **params: str) -> Any:
         async with self.session.get(self.api / path, params=params) as response:
@@ -88,8 +87,8 @@ class Prometheus:
         deadline = loop.time() + WAIT_SECONDS
         last: object = None
         while loop.time() < deadline:
-            if self.process.returncode is not None:
-                self.fail(f"prometheus exited with {self.process.returncode}")
+            if self.running.process.returncode is not None:
+                self.fail(f"prometheus exited with {self.running.process.returncode}")
             try:
                 result = await check()
             except aiohttp.ClientConnectionError as exc:
@@ -105,16 +104,10 @@ class Prometheus:
 
     async def stop(self) -> None:
         await self.session.close()
-        if self.process.returncode is None:
-            self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), 10)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
+        await self.running.stop(10)
 
 
-async def _start_prometheus(tmp_path: Path, target: str) -> Prometheus:
+async def _start_prometheus(processes: Processes, tmp_path: Path, target: str) -> Prometheus:
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.fail(
@@ -124,37 +117,19 @@ async def _start_prometheus(tmp_path: Path, target: str) -> Prometheus:
         )
     config = tmp_path / "prometheus.yml"
     config.write_text(yaml.safe_dump(_prometheus_config(target)), encoding="utf-8")
-    address = f"127.0.0.1:{_free_port()}"
-    log = tmp_path / "prometheus.log"
-    with log.open("wb") as output:
-        process = await asyncio.create_subprocess_exec(
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address={address}",
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=output,
-            stderr=output,
-        )
-    return Prometheus(process, URL(f"http://{address}/api/v1/"), log)
-
-
-def _dashboard_queries() -> list[tuple[str, str]]:
-    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    panels = [*dashboard["panels"]]
-    panels += [inner for panel in dashboard["panels"] for inner in panel.get("panels", [])]
-    queries = []
-    for panel in panels:
-        for target in panel.get("targets", []):
-            expr = target["expr"]
-            for variable, value in GRAFANA_VARIABLES.items():
-                expr = expr.replace(variable, value)
-            queries.append((panel["title"], expr))
-    return queries
+    running = await processes.start(
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        "--web.listen-address=127.0.0.1:0",
+    )
+    address = (await running.line(LISTENING))[1]
+    await running.line(READY)
+    return Prometheus(running, URL(f"http://{address}/api/v1/"))
 
 
 async def test_prometheus_scrapes_the_proxy_and_runs_the_alerts_and_dashboard(
-    start_proxy: Callable[..., Awaitable[RunningProxy]], tmp_path: Path
+    start_proxy: Callable[..., Awaitable[RunningProxy]], tmp_path: Path, processes: Processes
 ) -> None:
     proxy = await start_proxy()
     status, _, _ = await proxy.request("GET", "/pos/v10/pointofsales")
@@ -163,7 +138,7 @@ async def test_prometheus_scrapes_the_proxy_and_runs_the_alerts_and_dashboard(
     assert proxy.sample("mobilepay_proxy_token_refreshes_total", first_token) == 1
 
     metrics = URL(proxy.metrics_url)
-    prometheus = await _start_prometheus(tmp_path, f"{metrics.host}:{metrics.port}")
+    prometheus = await _start_prometheus(processes, tmp_path, f"{metrics.host}:{metrics.port}")
     try:
         # The proxy runs on this event loop: every wait below must yield to it.
         async def token_fetches() -> str | None:
@@ -186,7 +161,9 @@ async def test_prometheus_scrapes_the_proxy_and_runs_the_alerts_and_dashboard(
         active = {rule["name"]: rule["state"] for rule in rules if rule["state"] != "inactive"}
         assert not active, f"alerts active against a healthy proxy: {active}"
 
-        for title, expr in _dashboard_queries():
+        for title, expr in panel_queries():
+            for variable, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(variable, value)
             await prometheus.query(expr, why=f"dashboard panel {title!r}: ")
 
         async def merchants() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -90,6 +91,7 @@ def test_upstream_never_sees_terminal_credentials(headers: list[tuple[str, str]]
     assert "Host" not in sent
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None)
 @given(raw=st.one_of(paths, st.tuples(paths, st.text(max_size=10)).map("?".join)))
 def test_accepted_paths_stay_under_the_prefix(raw: str) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import MERCHANTS, RunningProxy
 from tests.fakes import PosServer, TokenServer
-from tests.test_cli import _free_port, _wait_until_up, _write_config, spawn_proxy
+from tests.helpers.configs import proxy_config, write_config
+from tests.helpers.processes import Processes
 
 
 async def _readyz(proxy: RunningProxy) -> tuple[int, dict[str, Any]]:
@@ -69,33 +71,32 @@ async def test_unready_while_the_token_service_keeps_failing(
     assert (await _readyz(proxy))[0] == 200
 
 
+@pytest.mark.slow
 async def test_sighup_reloads_the_merchant_map(
-    tmp_path: Path, ca_file: Path, pos_server: PosServer, token_server: TokenServer
+    tmp_path: Path,
+    ca_file: Path,
+    pos_server: PosServer,
+    token_server: TokenServer,
+    processes: Processes,
 ) -> None:
-    port, metrics_port = _free_port(), _free_port()
-
-    def write(extra: str) -> Path:
-        return _write_config(
-            tmp_path / "proxy.toml",
-            api=pos_server.url,  # type: ignore[attr-defined]
-            token=token_server.url,  # type: ignore[attr-defined]
-            ca_file=ca_file,
-            port=port,
-            metrics_port=metrics_port,
-            extra=extra,
+    def write(key: str, vat: str) -> Path:
+        merchants = {"store-001": "DK10000001", key: vat}
+        data = proxy_config(
+            token_server.url, pos_server.url, ca_file, routing={"merchants": merchants}
         )
+        return write_config(tmp_path / "proxy.toml", data)
 
     async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
         await asyncio.sleep(float(request.query.get("sleep", "0")))
         return web.json_response({"ok": True})
 
     pos_server.handler = slow
-    config = write('"store-002" = "DK10000002"')
-    process = await spawn_proxy(config, stderr=asyncio.subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}/pos/v10/payments/p"
-    metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    config = write("store-002", "DK10000002")
+    started = await processes.start_proxy(config)
+    process = started.running
+    base = f"{started.url}/pos/v10/payments/p"
+    metrics = f"{started.metrics_url}/metrics"
     try:
-        await _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz")
         async with aiohttp.ClientSession() as session:
 
             async def call(key: str, query: str = "") -> int:
@@ -108,8 +109,8 @@ async def test_sighup_reloads_the_merchant_map(
             in_flight = asyncio.create_task(call("store-002", "?sleep=1"))
             await asyncio.sleep(0.3)
             # store-002 leaves, store-003 arrives.
-            write('"store-003" = "DK10000003"')
-            process.send_signal(signal.SIGHUP)
+            write("store-003", "DK10000003")
+            process.signal(signal.SIGHUP)
             for _ in range(50):
                 if await call("store-003") == 200:
                     break
@@ -123,18 +124,16 @@ async def test_sighup_reloads_the_merchant_map(
             assert 'merchant_vat="DK10000003"' in text
 
             # An invalid file is rejected; the running map stays.
-            write('"store-004" = "NOTAVAT"')
-            process.send_signal(signal.SIGHUP)
+            write("store-004", "NOTAVAT")
+            process.signal(signal.SIGHUP)
             await asyncio.sleep(0.5)
             assert await call("store-003") == 200
             assert await call("store-001") == 200
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        process.signal(signal.SIGTERM)
+        assert await process.wait(10) == 0
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    stderr = (await process.stderr.read()).decode() if process.stderr else ""
+        await process.stop()
+    stderr = process.output
     assert "reload rejected, the running configuration stays in force" in stderr
     assert "NOTAVAT" in stderr
     assert "Traceback" not in stderr

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from proxy.config import ConfigError, parse_config
-from tests.conftest import Exposure, config_data
+from tests.conftest import Exposure
+from tests.helpers.configs import proxy_config
 
 FLOAT_SETTINGS = [
     ("server", "drain_timeout_seconds"),
@@ -35,7 +36,7 @@ FLOAT_SETTINGS = [
 def _parse(tmp_path: Path, **sections: Any) -> Any:
     ca = tmp_path / "ca.pem"
     ca.write_text("unused")
-    data = config_data("https://127.0.0.1/token", "https://127.0.0.1", ca)
+    data = proxy_config("https://127.0.0.1/token", "https://127.0.0.1", ca)
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return parse_config(data, base_dir=tmp_path, environ={})
@@ -70,7 +71,7 @@ def test_the_refresh_lock_must_outlive_a_token_fetch(tmp_path: Path) -> None:
 def test_the_metrics_port_listens_on_loopback_unless_told_otherwise(tmp_path: Path) -> None:
     ca = tmp_path / "ca.pem"
     ca.write_text("unused")
-    data = config_data("https://127.0.0.1/token", "https://127.0.0.1", ca)
+    data = proxy_config("https://127.0.0.1/token", "https://127.0.0.1", ca)
     del data["server"]["metrics_host"]
     assert parse_config(data, base_dir=tmp_path, environ={}).server.metrics_host == "127.0.0.1"
 

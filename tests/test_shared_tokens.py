@@ -26,8 +26,10 @@ from proxy.tokens.shared import RedisTokenStore, derive_key, open_sealed
 from proxy.tokens.store import SharedToken
 from tests.conftest import MERCHANTS, RunningProxy
 from tests.fakes import CLIENT_ID, CLIENT_SECRET, PosServer, TokenServer
+from tests.helpers.configs import proxy_config, write_config
+from tests.helpers.ports import host_port
+from tests.helpers.processes import Processes
 from tests.redis_server import RedisServer
-from tests.test_cli import _free_port, _wait_until_up, _write_config, spawn_proxy
 from tests.test_money_safety import (
     ROTATED_ID,
     ROTATED_SECRET,
@@ -41,7 +43,8 @@ KEYS = list(MERCHANTS)
 class Copies:
     """Proxy processes sharing one configuration (and so one Redis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, starter: Processes) -> None:
+        self.starter = starter
         self.processes: list[asyncio.subprocess.Process] = []
         self.ports: list[int] = []
 
@@ -55,28 +58,24 @@ class Copies:
         redis: RedisServer,
         lock_seconds: float = 10,
     ) -> None:
-        merchants = "\n".join(
-            f'"{key}" = "{vat}"' for key, vat in MERCHANTS.items() if key != "store-001"
-        )
         for index in range(count):
-            port, metrics_port = _free_port(), _free_port()
             directory = tmp_path / f"copy{index}"
             directory.mkdir()
-            config = _write_config(
-                directory / "proxy.toml",
-                api=pos.url,  # type: ignore[attr-defined]
-                token=tokens.url,  # type: ignore[attr-defined]
-                ca_file=ca_file,
-                port=port,
-                metrics_port=metrics_port,
-                extra=f'{merchants}\n[tokens]\nstore = "{redis.url}"\n'
-                f"redis_lock_seconds = {lock_seconds}\n"
-                # The lock must outlive a fetch (timeout + 3 Redis calls + 0.5 s).
-                f"timeout_seconds = {lock_seconds / 2}\nredis_timeout_seconds = 0.1\n",
+            data = proxy_config(
+                tokens.url,
+                pos.url,
+                ca_file,
+                tokens={
+                    "store": redis.url,
+                    "redis_lock_seconds": lock_seconds,
+                    # The lock must outlive a fetch (timeout + 3 Redis calls + 0.5 s).
+                    "timeout_seconds": lock_seconds / 2,
+                    "redis_timeout_seconds": 0.1,
+                },
             )
-            self.processes.append(await spawn_proxy(config))
-            self.ports.append(port)
-            await _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz")
+            started = await self.starter.start_proxy(write_config(directory / "proxy.toml", data))
+            self.processes.append(started.running.process)
+            self.ports.append(host_port(started.url)[1])
 
     async def stop(self) -> None:
         for process in self.processes:
@@ -98,6 +97,7 @@ async def _get(session: aiohttp.ClientSession, port: int, key: str, i: int) -> i
         return response.status
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", [2, 3])
 async def test_copies_fetch_one_token_per_merchant_under_cold_load(
     tmp_path: Path,
@@ -105,9 +105,10 @@ async def test_copies_fetch_one_token_per_merchant_under_cold_load(
     token_server: TokenServer,
     ca_file: Path,
     redis_server: RedisServer,
+    processes: Processes,
     count: int,
 ) -> None:
-    copies = Copies()
+    copies = Copies(processes)
     try:
         await copies.start(tmp_path, count, pos_server, token_server, ca_file, redis_server)
         token_server.delay = 0.3
@@ -140,14 +141,16 @@ async def test_copies_fetch_one_token_per_merchant_under_cold_load(
         await copies.stop()
 
 
+@pytest.mark.slow
 async def test_a_dead_lock_holder_blocks_refreshes_only_until_the_lock_expires(
     tmp_path: Path,
     pos_server: PosServer,
     token_server: TokenServer,
     ca_file: Path,
     redis_server: RedisServer,
+    processes: Processes,
 ) -> None:
-    copies = Copies()
+    copies = Copies(processes)
     try:
         await copies.start(
             tmp_path, 2, pos_server, token_server, ca_file, redis_server, lock_seconds=2
@@ -219,6 +222,7 @@ async def test_tokens_are_encrypted_at_rest_with_their_remaining_life(
     assert 3000_000 < ttl <= 3570_000
 
 
+@pytest.mark.slow
 async def test_redis_outage_mid_load_fails_no_terminal_request(
     start_proxy: Callable[..., Any], token_server: TokenServer, redis_server: RedisServer
 ) -> None:

@@ -6,6 +6,7 @@ Bounded in time (SOAK_SECONDS, default 60) and in concurrency; it stops by itsel
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -16,41 +17,33 @@ import pytest
 
 from proxy.sandbox.server import serve
 from proxy.sandbox.settings import FaultSettings, SandboxSettings, TlsSettings
-from tests.test_cli import _free_port, _wait_until_up, spawn_proxy
+from tests.helpers.configs import proxy_config, write_config
+from tests.helpers.exposure import Exposure
+from tests.helpers.processes import Processes
 
 DURATION = float(os.environ.get("SOAK_SECONDS", "60"))
 TERMINALS = 200
 LIFETIME = 4  # seconds: usable 3.6 s, refreshed in the background from 2.6 s
 VATS = [f"DK{20000000 + n}" for n in range(10)]
 KEYS = {f"shop-{n:02d}": VATS[n % len(VATS)] for n in range(20)}
+# The simulator's default credentials.
+CLIENT_ID, CLIENT_SECRET, IBM_CLIENT_ID = "demo-client", "demo-secret", "demo-ibm-client"
 
 
-def _config(path: Path, sandbox_url: str, ca_file: Path, port: int, metrics_port: int) -> Path:
-    merchants = "\n".join(f'"{key}" = "{vat}"' for key, vat in KEYS.items())
-    path.write_text(
-        f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-metrics_host = "127.0.0.1"
-metrics_port = {metrics_port}
-
-[mobilepay]
-api_base_url = "{sandbox_url}"
-token_url = "{sandbox_url}/integrator-authentication/connect/token"
-ca_file = "{ca_file}"
-client_id = "demo-client"
-client_secret = "demo-secret"
-ibm_client_id = "demo-ibm-client"
-
-[tokens]
-backoff_initial_seconds = 0.2
-
-[routing.merchants]
-{merchants}
-"""
+def _config(path: Path, sandbox_url: str, ca_file: Path) -> Path:
+    data = proxy_config(
+        f"{sandbox_url}/integrator-authentication/connect/token",
+        sandbox_url,
+        ca_file,
+        mobilepay={
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "ibm_client_id": IBM_CLIENT_ID,
+        },
+        tokens={"backoff_initial_seconds": 0.2},
+        routing={"merchants": KEYS},
     )
-    return path
+    return write_config(path, data)
 
 
 def _metric(text: str, prefix: str) -> float:
@@ -61,7 +54,13 @@ def _metric(text: str, prefix: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.timeout(DURATION + 120)
-async def test_soak(tmp_path: Path) -> None:
+async def test_soak(
+    tmp_path: Path, processes: Processes, exposure: Exposure, caplog: pytest.LogCaptureFixture
+) -> None:
+    exposure.secrets.update({CLIENT_SECRET, IBM_CLIENT_ID})
+    # The simulator runs in this process: its access line per request would cost the event
+    # loop both it and the load share.
+    caplog.set_level(logging.WARNING, logger="aiohttp.access")
     settings = SandboxSettings(
         port=0,
         tls=TlsSettings(directory=tmp_path / "tls"),
@@ -70,24 +69,17 @@ async def test_soak(tmp_path: Path) -> None:
     )
     async with serve(settings) as sandbox:
         assert sandbox.tls is not None
-        port, metrics_port = _free_port(), _free_port()
-        config = _config(
-            tmp_path / "proxy.toml", str(sandbox.url), sandbox.tls.ca_cert, port, metrics_port
-        )
-        process = await spawn_proxy(config)
-        try:
-            await _wait_until_up(f"http://127.0.0.1:{metrics_port}/healthz")
-            statuses, proxy_errors, rss = await _load(port, process.pid)
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as r:
-                    metrics = await r.text()
-                async with session.get(
-                    f"{sandbox.url}/_sandbox/stats", ssl=sandbox.tls.client_context()
-                ) as r:
-                    stats = await r.json()
-        finally:
-            process.terminate()
-            assert await asyncio.wait_for(process.wait(), 30) == 0
+        config = _config(tmp_path / "proxy.toml", str(sandbox.url), sandbox.tls.ca_cert)
+        proxy = await processes.start_proxy(config)
+        statuses, proxy_errors, rss = await _load(proxy.url, proxy.running.pid)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{proxy.metrics_url}/metrics") as r:
+                metrics = await r.text()
+            async with session.get(
+                f"{sandbox.url}/_sandbox/stats", ssl=sandbox.tls.client_context()
+            ) as r:
+                stats = await r.json()
+        assert await proxy.running.stop(30) == 0
 
     total = sum(statuses.values())
     assert total > DURATION * 100, f"only {total} requests in {DURATION} s"
@@ -111,7 +103,7 @@ async def test_soak(tmp_path: Path) -> None:
     assert rss_at_end <= rss_at_10s * 1.10, f"RSS grew from {rss_at_10s} to {rss_at_end}"
 
 
-async def _load(port: int, pid: int) -> tuple[Counter[int], Counter[str], tuple[int, int]]:
+async def _load(url: str, pid: int) -> tuple[Counter[int], Counter[str], tuple[int, int]]:
     statuses: Counter[int] = Counter()
     proxy_errors: Counter[str] = Counter()
     keys = list(KEYS)
@@ -124,7 +116,7 @@ async def _load(port: int, pid: int) -> tuple[Counter[int], Counter[str], tuple[
         key = keys[n % len(keys)]
         while loop.time() < deadline:
             async with session.get(
-                f"http://127.0.0.1:{port}/pos/v10/stores/detailed",
+                f"{url}/pos/v10/stores/detailed",
                 headers={**headers, "X-Merchant-Id": key},
             ) as response:
                 await response.read()

@@ -98,6 +98,7 @@ async def test_untrusted_token_endpoint_certificate_is_refused(
     assert token_server.count() == 0  # the TLS handshake failed before any request
 
 
+@pytest.mark.slow
 async def test_valid_token_keeps_serving_while_refreshes_fail(
     start_proxy: Callable[..., Any], pos_server: PosServer, token_server: TokenServer
 ) -> None:
@@ -122,6 +123,7 @@ async def test_valid_token_keeps_serving_while_refreshes_fail(
     )
 
 
+@pytest.mark.slow
 async def test_backoff_under_load_during_an_outage(
     start_proxy: Callable[..., Any], token_server: TokenServer
 ) -> None:

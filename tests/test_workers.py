@@ -1,32 +1,42 @@
-"""``[server] workers = N``: a supervisor, N worker processes on one port, one metrics endpoint."""
+"""``[server] workers = N``: a supervisor, N worker processes on one port, one metrics endpoint.
+
+Each test with a running supervisor starts three interpreters: they are marked slow.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
-import math
 import os
 import re
 import signal
 import socket
-import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psutil
 import pytest
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import ConfigError, parse_config
 from proxy.metrics import Metrics, WorkersMetrics
-from proxy.workers import reserve_port
-from tests.fakes import CLIENT_SECRET, IBM_CLIENT_ID, PosServer, TokenServer
-from tests.test_cli import ROOT, _free_port, _write_config, spawn_proxy
+from proxy.workers import (
+    RESTART_INITIAL_SECONDS,
+    STOP_MARGIN_SECONDS,
+    reserve_port,
+    supervise,
+)
+from tests.fakes import PosServer, TokenServer, held_until
+from tests.helpers.configs import proxy_config, write_config
+from tests.helpers.ports import refuses_connections
+from tests.helpers.processes import PROXY, Processes, Proxy, Running
+from tests.helpers.waiting import eventually
 
 ACCESS_LINE = re.compile(r"\[worker (\d+) pid (\d+)\] proxy\.access: .* merchant=(\S+)")
 VAT = "DK10000001"
@@ -36,12 +46,19 @@ VAT = "DK10000001"
 class Supervised:
     """A ``mobilepay-proxy`` supervisor under test, with everything it and its workers logged."""
 
-    process: asyncio.subprocess.Process
+    running: Running
     url: str
     metrics_url: str
-    write_config: Callable[[str], Path]
-    lines: list[str] = field(default_factory=list)
+    write_config: Callable[..., Path]
     sent: int = 0
+
+    @property
+    def process(self) -> Running:
+        return self.running
+
+    @property
+    def lines(self) -> list[str]:
+        return self.running.lines
 
     async def calls(self, count: int, merchant: str = "store-001") -> list[int]:
         """``count`` concurrent requests, each on a new connection so the kernel spreads them."""
@@ -67,6 +84,12 @@ class Supervised:
                 return response.status, await response.text()
             return response.status, await response.json()
 
+    async def answers(self, path: str) -> bool:
+        """Whether ``path`` answers 200 (False while nothing listens yet)."""
+        with contextlib.suppress(aiohttp.ClientConnectionError):
+            return (await self.get(path))[0] == 200
+        return False
+
     async def requests_total(self) -> float:
         _, text = await self.get("/metrics")
         return sum(
@@ -89,72 +112,44 @@ class Supervised:
         }
 
 
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        await asyncio.sleep(0.05)
-
-
 @contextlib.asynccontextmanager
 async def supervised(
-    tmp_path: Path, ca_file: Path, pos_server: PosServer, *, ready: bool = True
+    tmp_path: Path,
+    ca_file: Path,
+    pos_server: PosServer,
+    processes: Processes,
+    *,
+    ready: bool = True,
+    **server: Any,
 ) -> AsyncIterator[Supervised]:
-    port, metrics_port = _free_port(), _free_port()
-
-    def write(extra: str = "") -> Path:
-        return _write_config(
-            tmp_path / "proxy.toml",
-            api=pos_server.url,  # type: ignore[attr-defined]
-            token=pos_server.tokens.url,  # type: ignore[attr-defined]
-            ca_file=ca_file,
-            port=port,
-            metrics_port=metrics_port,
-            extra=extra,
-            extra_server="workers = 2",
+    def write(merchants: dict[str, str] | None = None) -> Path:
+        data = proxy_config(
+            pos_server.tokens.url,
+            pos_server.url,
+            ca_file,
+            server={"workers": 2, **server},
+            routing={"merchants": merchants or {"store-001": VAT}},
         )
+        return write_config(tmp_path / "proxy.toml", data)
 
-    process = await spawn_proxy(write(), stderr=asyncio.subprocess.PIPE, log_level="INFO")
-    running = Supervised(
-        process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}", write
-    )
-
-    async def collect() -> None:
-        assert process.stderr is not None
-        async for line in process.stderr:
-            running.lines.append(line.decode(errors="replace"))
-
-    collector = asyncio.create_task(collect())
-    try:
-        if ready:
-
-            async def all_ready() -> bool:
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    return (await running.get("/readyz"))[0] == 200
-                return False
-
-            await _eventually(all_ready, "both workers ready")
-        yield running
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        await asyncio.wait_for(collector, 5)
-    log = "".join(running.lines)
-    assert "Traceback" not in log
-    for secret in (CLIENT_SECRET, IBM_CLIENT_ID, *pos_server.tokens.issued):
-        assert secret not in log
+    started: Proxy = await processes.start_proxy(write())
+    running = Supervised(started.running, started.url, started.metrics_url, write)
+    if ready:
+        await eventually(lambda: running.answers("/readyz"), "both workers ready", 20)
+    yield running
+    await running.running.stop()
+    assert "Traceback" not in running.running.output
 
 
+@pytest.mark.slow
 async def test_two_workers_share_the_port_report_as_one_and_reload_together(
-    tmp_path: Path, ca_file: Path, pos_server: PosServer, token_server: TokenServer
+    tmp_path: Path,
+    ca_file: Path,
+    pos_server: PosServer,
+    token_server: TokenServer,
+    processes: Processes,
 ) -> None:
-    async with supervised(tmp_path, ca_file, pos_server) as proxy:
+    async with supervised(tmp_path, ca_file, pos_server, processes) as proxy:
         status, ready = await proxy.get("/readyz")
         assert status == 200
         assert [w["status"] for w in ready["workers"]] == ["ready", "ready"]
@@ -175,7 +170,7 @@ async def test_two_workers_share_the_port_report_as_one_and_reload_together(
             return expiry in (await proxy.get("/metrics"))[1]
 
         # Workers publish their token lifetimes every second.
-        await _eventually(expiry_published, "the token expiry gauge")
+        await eventually(expiry_published, "the token expiry gauge")
         _, text = await proxy.get("/metrics")
         assert text.count("mobilepay_proxy_token_expiry_seconds{") == 1
         lifetime = float(text.split(expiry)[1].split()[0])
@@ -184,24 +179,29 @@ async def test_two_workers_share_the_port_report_as_one_and_reload_together(
         assert "mobilepay_proxy_in_flight_requests 0.0" in text
 
         # SIGHUP reaches every worker: a new merchant is served by both.
-        proxy.write_config('"store-002" = "DK10000002"')
-        proxy.process.send_signal(signal.SIGHUP)
+        proxy.write_config({"store-001": VAT, "store-002": "DK10000002"})
+        proxy.process.signal(signal.SIGHUP)
 
         async def reloaded() -> bool:
             return await proxy.calls(20, merchant="store-002") == [200] * 20
 
-        await _eventually(reloaded, "every worker serves the reloaded map")
+        await eventually(reloaded, "every worker serves the reloaded map")
         assert {index for index, _ in proxy.served("store-002")} == {0, 1}
         assert "mobilepay_proxy_merchants 2.0" in (await proxy.get("/metrics"))[1]
 
-        proxy.process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proxy.process.wait(), 15) == 0
+        proxy.process.signal(signal.SIGTERM)
+        assert await proxy.process.wait() == 0
 
 
+@pytest.mark.slow
 async def test_a_killed_worker_is_restarted_and_no_request_fails(
-    tmp_path: Path, ca_file: Path, pos_server: PosServer, token_server: TokenServer
+    tmp_path: Path,
+    ca_file: Path,
+    pos_server: PosServer,
+    token_server: TokenServer,
+    processes: Processes,
 ) -> None:
-    async with supervised(tmp_path, ca_file, pos_server) as proxy:
+    async with supervised(tmp_path, ca_file, pos_server, processes) as proxy:
         assert await proxy.calls(20) == [200] * 20
         before = await proxy.pids()
         victim = before[0]
@@ -213,14 +213,14 @@ async def test_a_killed_worker_is_restarted_and_no_request_fails(
 
         # Reaped by the supervisor, so its listening socket is gone: whatever connects now
         # reaches the other worker, or the replacement once it listens.
-        await _eventually(noticed, "the supervisor noticed the dead worker")
+        await eventually(noticed, "the supervisor noticed the dead worker")
         assert await proxy.calls(50) == [200] * 50
 
         async def replaced() -> bool:
             status, body = await proxy.get("/readyz")
             return status == 200 and body["workers"][0]["pid"] not in (None, victim)
 
-        await _eventually(replaced, "a replacement worker is ready")
+        await eventually(replaced, "a replacement worker is ready")
         _, body = await proxy.get("/readyz")
         assert body["workers"][0]["restarts"] == 1
         assert body["workers"][1]["pid"] == before[1]
@@ -230,81 +230,140 @@ async def test_a_killed_worker_is_restarted_and_no_request_fails(
             assert await proxy.calls(50) == [200] * 50
             return (0, replacement) in proxy.served()
 
-        await _eventually(replacement_serves, "the replacement takes requests")
+        await eventually(replacement_serves, "the replacement takes requests")
         # The killed worker's requests still count: totals never go back.
         assert await proxy.requests_total() == proxy.sent
         assert token_server.count(VAT) <= 3
-        proxy.process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proxy.process.wait(), 15) == 0
+        proxy.process.signal(signal.SIGTERM)
+        assert await proxy.process.wait() == 0
     log = "".join(proxy.lines)
     assert f"worker 0 (pid {victim}) was killed by SIGKILL; restarting it in" in log
 
 
 @pytest.mark.slow
 async def test_sigterm_drains_every_worker_and_exits_0(
-    tmp_path: Path, ca_file: Path, pos_server: PosServer
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
 ) -> None:
-    async def slow(request: web.Request, body: bytes) -> web.StreamResponse:
-        await asyncio.sleep(1.5)
-        return web.json_response({"ok": True})
+    release = asyncio.Event()
 
-    async with supervised(tmp_path, ca_file, pos_server) as proxy:
-        pos_server.handler = slow
+    async with supervised(tmp_path, ca_file, pos_server, processes) as proxy:
+        pos_server.handler = held_until(release)
         calls = asyncio.create_task(proxy.calls(100))
-
-        async def all_upstream() -> bool:
-            return len(pos_server.requests) >= 100
-
-        await _eventually(all_upstream, "100 requests in flight")
-        proxy.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
-        with pytest.raises(aiohttp.ClientConnectionError):
-            async with (
-                aiohttp.ClientSession() as fresh,
-                fresh.get(f"{proxy.url}/pos/v10/payments/late", headers={"X-Merchant-Id": "x"}),
-            ):
-                pass
+        await eventually(lambda: len(pos_server.requests) == 100, "100 requests in flight")
+        proxy.process.signal(signal.SIGTERM)
+        await eventually(lambda: refuses_connections(proxy.url), "new connections refused")
+        assert not calls.done()
+        release.set()
         assert await calls == [200] * 100
-        assert await asyncio.wait_for(proxy.process.wait(), 15) == 0
+        assert await proxy.process.wait() == 0
     assert {index for index, _ in proxy.served()} == {0, 1}, "both workers had requests to drain"
 
 
-async def test_a_signal_during_start_up_is_not_lost(
-    tmp_path: Path, ca_file: Path, pos_server: PosServer
+@pytest.mark.slow
+async def test_a_worker_still_draining_after_the_timeout_and_margin_is_killed(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
 ) -> None:
-    async with supervised(tmp_path, ca_file, pos_server, ready=False) as proxy:
+    drain = 0.5
+    async with supervised(
+        tmp_path, ca_file, pos_server, processes, drain_timeout_seconds=drain
+    ) as proxy:
+        pids = [pid for pid in (await proxy.pids()).values() if pid is not None]
+        # Workers that cannot act on SIGTERM, as if stuck: only SIGKILL ends them.
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        loop = asyncio.get_running_loop()
+        stopping = loop.time()
+        proxy.process.signal(signal.SIGTERM)
+        assert await proxy.process.wait(30) == 1
+        waited = loop.time() - stopping
+    assert waited >= drain + STOP_MARGIN_SECONDS
+    for index in range(2):
+        assert f"worker {index} did not stop in time; killing it" in proxy.running.output
+    assert "stopped; not every worker exited cleanly" in proxy.running.output
+    for pid in pids:
+        assert not psutil.pid_exists(pid)
 
-        async def supervisor_answers() -> bool:
-            with contextlib.suppress(aiohttp.ClientConnectionError):
-                await proxy.get("/healthz")
-                return True
-            return False
 
-        # The workers are still starting: the signal must wait for their handlers.
-        await _eventually(supervisor_answers, "the supervisor listens")
-        proxy.process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proxy.process.wait(), 15) == 0
-    assert "killed by" not in "".join(proxy.lines)
+@pytest.mark.slow
+async def test_a_worker_whose_supervisor_dies_stops_by_itself(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
+) -> None:
+    async with supervised(tmp_path, ca_file, pos_server, processes) as proxy:
+        pids = [pid for pid in (await proxy.pids()).values() if pid is not None]
+        supervisor = proxy.process.pid
+        proxy.process.signal(signal.SIGKILL)
+        # The workers share the supervisor's output: it ends when the last of them exits.
+        assert await proxy.process.wait() == -signal.SIGKILL
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert proxy.running.output.count(f"the supervisor (pid {supervisor}) is gone; stopping") == 2
 
 
-async def test_a_taken_port_stops_the_supervisor_with_exit_1(tmp_path: Path, ca_file: Path) -> None:
+@pytest.mark.slow
+async def test_a_worker_that_keeps_dying_is_restarted_ever_later(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
+) -> None:
+    async with supervised(tmp_path, ca_file, pos_server, processes) as proxy:
+        delays = []
+        for attempt in range(2):
+            victim = (await proxy.pids())[0]
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            pattern = re.compile(
+                rf"worker 0 \(pid {victim}\) was killed by SIGKILL; restarting it in ([\d.]+) s"
+            )
+            delays.append(float((await proxy.running.line(pattern))[1]))
+
+            async def replaced(victim: int = victim) -> bool:
+                status, body = await proxy.get("/readyz")
+                worker = body["workers"][0]
+                return status == 200 and worker["pid"] not in (None, victim)
+
+            await eventually(replaced, f"replacement {attempt + 1} ready", 20)
+        _, body = await proxy.get("/readyz")
+        assert body["workers"][0]["restarts"] == 2
+    # Dying again within STABLE_AFTER_SECONDS doubles the wait.
+    assert delays == [RESTART_INITIAL_SECONDS, RESTART_INITIAL_SECONDS * 2]
+
+
+@pytest.mark.slow
+async def test_a_signal_during_start_up_is_not_lost(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
+) -> None:
+    async with supervised(tmp_path, ca_file, pos_server, processes, ready=False) as proxy:
+        # The supervisor listens; the workers are still starting, and the signal must wait
+        # for their handlers.
+        proxy.process.signal(signal.SIGTERM)
+        assert await proxy.process.wait() == 0
+    assert "killed by" not in proxy.running.output
+
+
+async def test_a_taken_port_stops_the_supervisor_with_exit_1(
+    tmp_path: Path, ca_file: Path, processes: Processes
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config = _write_config(
-            tmp_path / "proxy.toml",
-            api="https://127.0.0.1:1",
-            token="https://127.0.0.1:1/t",
-            ca_file=ca_file,
-            port=taken.getsockname()[1],
-            metrics_port=_free_port(),
-            extra_server="workers = 2",
+        data = proxy_config(
+            "https://127.0.0.1:1/t",
+            "https://127.0.0.1:1",
+            ca_file,
+            server={"workers": 2, "port": taken.getsockname()[1]},
         )
-        process = await spawn_proxy(config, stderr=asyncio.subprocess.PIPE)
-        _, stderr = await asyncio.wait_for(process.communicate(), 15)
-    assert process.returncode == 1
-    assert "cannot start: Address already in use" in stderr.decode()
-    assert "Traceback" not in stderr.decode()
+        config = write_config(tmp_path / "proxy.toml", data)
+        running = await processes.start(*PROXY, "--config", config)
+        assert await running.wait() == 1
+    assert "cannot start: Address already in use" in running.output
+    assert "Traceback" not in running.output
+
+
+def test_workers_need_the_configuration_in_a_file(ca_file: Path) -> None:
+    data = proxy_config(
+        "https://127.0.0.1:1/t", "https://127.0.0.1:1", ca_file, server={"workers": 2}
+    )
+    config = parse_config(data, base_dir=Path("."), environ={})
+    with pytest.raises(ConfigError, match=r"\[server\] workers needs the configuration in a file"):
+        supervise(config, log_level="INFO", environ={})
 
 
 def test_reserved_port_is_shared_with_workers_only() -> None:
@@ -327,64 +386,68 @@ def test_reserved_port_is_shared_with_workers_only() -> None:
             sock.close()
 
 
-# A worker's part of the metrics, as a worker records it in multiprocess mode.
+# A worker's part of the metrics, as a worker records it in multiprocess mode: a request,
+# and a value in every gauge.
 _WORKER_METRICS = """
-import os, sys
-from prometheus_client import CollectorRegistry
+import os, time
+from prometheus_client import CollectorRegistry, Gauge
 from proxy.metrics import Metrics
 
 metrics = Metrics(CollectorRegistry())
 assert metrics.multiprocess
 metrics.observe_request("GET", "/pos/v10/payments/{paymentid}", 200, 0.01)
-metrics.in_flight.inc()
-lifetimes = [(vat, float(seconds)) for vat, seconds in (a.split("=") for a in sys.argv[1:])]
-metrics.token_lifetimes = lambda: lifetimes
-metrics.publish_token_expiry()
-if lifetimes[1:]:
-    del lifetimes[1:]  # the merchant left: its token is forgotten
-    metrics.publish_token_expiry()
+gauges = [value for value in vars(metrics).values() if isinstance(value, Gauge)]
+assert len(gauges) >= 3
+for gauge in gauges:
+    try:
+        gauge.inc()
+    except ValueError:  # labelled by merchant VAT: when the token expires
+        gauge.labels("DK10000001").set(time.time() + 100)
 print(os.getpid())
 """
 
 
-def test_workers_metrics_merge_into_one_view(tmp_path: Path) -> None:
-    def worker(*lifetimes: str) -> int:
-        result = subprocess.run(
-            [sys.executable, "-c", _WORKER_METRICS, *lifetimes],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=ROOT,
-            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
-            check=True,
+def test_workers_metrics_merge_into_one_view(tmp_path: Path, processes: Processes) -> None:
+    def worker() -> int:
+        result = processes.run(
+            sys.executable,
+            "-c",
+            _WORKER_METRICS,
+            env={"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
         )
+        assert result.returncode == 0, result.stderr
         return int(result.stdout)
 
-    first = worker("DK10000001=300", "DK10000002=100")
-    second = worker("DK10000001=200")
+    first, second = worker(), worker()
     merged = WorkersMetrics(tmp_path)
     registry = merged.registry
 
     def value(name: str, **labels: str) -> float | None:
         return registry.get_sample_value(name, labels)
 
+    def gauge_samples() -> list[Any]:
+        return [
+            sample
+            for family in registry.collect()
+            if family.type == "gauge"
+            for sample in family.samples
+        ]
+
     request = {"method": "GET", "route": "/pos/v10/payments/{paymentid}", "status": "200"}
     assert value("mobilepay_proxy_requests_total", **request) == 2
     duration = {"method": "GET", "route": request["route"]}
     assert value("mobilepay_proxy_request_duration_seconds_count", **duration) == 2
     assert value("mobilepay_proxy_in_flight_requests") == 2
-    # The shortest remaining life of a merchant's tokens; none for a token nobody holds.
-    expiry = "mobilepay_proxy_token_expiry_seconds"
-    assert 190 < (value(expiry, merchant_vat="DK10000001") or 0) <= 200
-    assert value(expiry, merchant_vat="DK10000002") is None
+    assert value("mobilepay_proxy_merchants") == 1
+    assert (value("mobilepay_proxy_token_expiry_seconds", merchant_vat="DK10000001") or 0) > 90
 
     merged.worker_exited(second)
-    assert 290 < (value(expiry, merchant_vat="DK10000001") or 0) <= 300
     assert value("mobilepay_proxy_in_flight_requests") == 1
     assert value("mobilepay_proxy_requests_total", **request) == 2, "counts outlive a worker"
     assert value("mobilepay_proxy_request_duration_seconds_count", **duration) == 2
     merged.worker_exited(first)
-    assert value("mobilepay_proxy_in_flight_requests") is None
+    # Every gauge combines live workers only: none keeps an exited worker's value.
+    assert gauge_samples() == []
     assert value("mobilepay_proxy_requests_total", **request) == 2
     assert value("mobilepay_proxy_request_duration_seconds_count", **duration) == 2
     # Exited workers' counts live on in one file per kind, not one per worker.
@@ -398,35 +461,3 @@ def test_workers_metrics_merge_into_one_view(tmp_path: Path) -> None:
     Metrics(single_registry, multiprocess=False)
     single = {family.name for family in single_registry.collect()}
     assert {family.name for family in registry.collect()} <= single
-
-
-def test_every_gauge_combines_only_live_workers() -> None:
-    # A gauge in another mode would keep an exited worker's value (or a pid label) forever.
-    metrics = Metrics(CollectorRegistry(), multiprocess=True)
-    gauges = [value for value in vars(metrics).values() if isinstance(value, Gauge)]
-    assert len(gauges) >= 4
-    assert all(gauge._multiprocess_mode.startswith("live") for gauge in gauges)
-
-
-def test_a_worker_rewrites_a_token_expiry_only_when_the_token_changes() -> None:
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, multiprocess=True)
-    lifetimes = [("DK10000001", 120.0)]
-    metrics.token_lifetimes = lambda: lifetimes
-
-    def published() -> float | None:
-        name = "mobilepay_proxy_token_expiry_seconds"
-        return registry.get_sample_value(name, {"merchant_vat": "DK10000001"})
-
-    metrics.publish_token_expiry()
-    first = published()
-    assert first is not None
-    lifetimes[0] = ("DK10000001", 119.9)  # the same token, a moment later
-    metrics.publish_token_expiry()
-    assert published() == first
-    lifetimes[0] = ("DK10000001", 3600.0)  # refreshed
-    metrics.publish_token_expiry()
-    assert published() == pytest.approx(first + 3480, abs=1)
-    lifetimes.clear()  # forgotten
-    metrics.publish_token_expiry()
-    assert published() == math.inf

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
 import ssl
@@ -14,6 +13,7 @@ import pytest
 
 from proxy.sandbox.cli import build_parser, settings_from_args
 from proxy.sandbox.settings import FaultSettings, SandboxSettings, TlsSettings
+from tests.helpers.processes import Processes
 
 
 def parse(argv: list[str], environ: dict[str, str] | None = None) -> SandboxSettings:
@@ -22,13 +22,22 @@ def parse(argv: list[str], environ: dict[str, str] | None = None) -> SandboxSett
 
 def test_defaults() -> None:
     settings = parse([])
-    assert settings == parse([])
+    # What the README and `make run` rely on: loopback, 8443, TLS in .sandbox, no faults.
+    assert settings.host == "127.0.0.1"
     assert settings.port == 8443
     assert settings.tls == TlsSettings(Path(".sandbox"), ())
     assert settings.client_id == "demo-client"
     assert settings.client_secret == "demo-secret"
     assert settings.ibm_client_id == "demo-ibm-client"
     assert settings.token_lifetime_seconds == 3600
+    assert settings.faults == FaultSettings(
+        unauthorized_every=0,
+        unauthorized_next=0,
+        latency_ms=0,
+        error_rate=0.0,
+        errors_next=0,
+        token_errors_next=0,
+    )
 
 
 def test_flags() -> None:
@@ -87,35 +96,20 @@ def test_out_of_range_values_are_rejected(argv: list[str]) -> None:
         parse(argv)
 
 
-async def test_process_serves_tls_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.slow
+async def test_process_serves_tls_and_stops_on_sigterm(
+    tmp_path: Path, processes: Processes
+) -> None:
     tls_dir = tmp_path / "tls"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy.sandbox",
-        "--port=0",
-        f"--tls-dir={tls_dir}",
-        stderr=asyncio.subprocess.PIPE,
+    running = await processes.start(
+        sys.executable, "-m", "proxy.sandbox", "--port=0", f"--tls-dir={tls_dir}"
     )
-    assert process.stderr is not None
-    try:
-        url = None
-        async with asyncio.timeout(10):
-            while url is None:
-                line = (await process.stderr.readline()).decode()
-                assert line, "the simulator exited early"
-                found = re.search(r"listening on (\S+)", line)
-                url = found.group(1) if found else None
-        trusting = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"{url}/_sandbox/health", ssl=trusting) as answer,
-        ):
-            assert answer.status == 200
-        process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(10):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    url = (await running.line(re.compile(r"listening on (\S+)"), 10))[1]
+    trusting = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{url}/_sandbox/health", ssl=trusting) as answer,
+    ):
+        assert answer.status == 200
+    running.signal(signal.SIGTERM)
+    assert await running.wait(10) == 0
