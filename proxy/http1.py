@@ -102,8 +102,6 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> bool:
         """Take more bytes; True once the response is complete."""
-        if self._complete:
-            raise BadResponse("bytes after the response")
         self._progressed = False
         try:
             self._parser.feed_data(data)
@@ -117,7 +115,7 @@ class ResponseParser:
             self._stalled += len(data)
         if not self._complete and self._stalled > MAX_HEAD_BYTES + READ_SIZE:
             raise BadResponse("response head, chunk line or trailers too large")
-        if self._complete:
+        if self._complete and self.response is None:
             self._finish()
         return self._complete
 
@@ -167,20 +165,28 @@ class ResponseParser:
         status = self._parser.get_status_code()
         if status == 101:
             self._refuse("unexpected protocol switch")
+        if self._parser.get_http_version() not in ("1.1", "1.0"):
+            self._refuse("not an HTTP/1.x response")
         if not 100 <= status <= 599:
             self._refuse("status code out of range")
+        if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in self._reason):
+            self._refuse("control character in the reason phrase")  # llhttp takes NUL
         self._status = status
-        if status < 200:
-            return  # an interim response: the real one follows
         headers = self._headers
         codings = [
             coding.strip().lower()
             for value in headers.getall("Transfer-Encoding", ())
             for coding in value.split(",")
         ]
+        length = headers.get("Content-Length")
+        if codings and (status < 200 or status in _NO_BODY):
+            self._refuse("Transfer-Encoding on a response that has no body")  # RFC 9112 6.1
+        if status < 200:
+            if length is not None:
+                self._refuse("Content-Length on an interim response")  # RFC 9110 8.6
+            return  # the real response follows
         if codings and codings != ["chunked"]:
             self._refuse("unsupported transfer coding")
-        length = headers.get("Content-Length")
         if status in _NO_BODY:
             pass
         elif length is not None and not codings:

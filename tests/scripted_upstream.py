@@ -130,8 +130,8 @@ class ScriptedUpstream:
         if self._listener is not None:
             self._listener.close()
 
-    def _spawn(self, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, daemon=True)
+    def _spawn(self, target: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
         self._threads.append(thread)
         thread.start()
 
@@ -143,7 +143,7 @@ class ScriptedUpstream:
             except TimeoutError:
                 continue
             raw.settimeout(IO_SECONDS)
-            self._spawn(lambda raw=raw: self._serve(raw))
+            self._spawn(self._serve, raw)
 
     def _serve(self, raw: socket.socket) -> None:
         try:
