@@ -79,7 +79,9 @@ class ResponseParser:
     """
 
     def __init__(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
+        # Refers back to this object: let go of it (close) once done, or the body it holds
+        # lives until the cycle collector runs.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._reason = bytearray()
         self._status = 0
@@ -102,20 +104,31 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> bool:
         """Take more bytes; True once the response is complete."""
+        parser = self._parser
+        if parser is None:  # complete, refused or closed
+            if self._complete and not data.strip(b"\r\n"):
+                return True  # empty lines between messages: llhttp skips them too
+            raise BadResponse("bytes after the response")
         self._progressed = False
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
+            if self._progressed:
+                self._stalled = len(data)
+            else:
+                self._stalled += len(data)
+            if not self._complete and self._stalled > MAX_HEAD_BYTES + READ_SIZE:
+                raise BadResponse("response head, chunk line or trailers too large")
+        except BadResponse:
+            self.close()
+            raise
         except httptools.HttpParserError as exc:
+            self.close()
             raise BadResponse(self._error or str(exc) or type(exc).__name__) from None
         except Exception as exc:  # nothing else may escape into an event loop callback
+            self.close()
             raise BadResponse(f"unparseable response: {type(exc).__name__}") from None
-        if self._progressed:
-            self._stalled = len(data)
-        else:
-            self._stalled += len(data)
-        if not self._complete and self._stalled > MAX_HEAD_BYTES + READ_SIZE:
-            raise BadResponse("response head, chunk line or trailers too large")
-        if self._complete and self.response is None:
+        if self._complete:
+            self.close()
             self._finish()
         return self._complete
 
@@ -124,11 +137,16 @@ class ResponseParser:
 
         ``clean``: TLS said so (close_notify). Without it the end may be a truncation.
         """
+        self.close()
         if self._complete or not self._until_close or not clean:
             return False
         self._complete = True
         self._finish()
         return True
+
+    def close(self) -> None:
+        """Let go of llhttp's state; later bytes are refused."""
+        self._parser = None
 
     def _finish(self) -> None:
         self.response = Response(
@@ -162,10 +180,12 @@ class ResponseParser:
     def on_headers_complete(self) -> None:
         self._progressed = True
         self._in_head = False
-        status = self._parser.get_status_code()
+        parser = self._parser
+        assert parser is not None  # llhttp calls back only from feed()
+        status = parser.get_status_code()
         if status == 101:
             self._refuse("unexpected protocol switch")
-        if self._parser.get_http_version() not in ("1.1", "1.0"):
+        if parser.get_http_version() not in ("1.1", "1.0"):
             self._refuse("not an HTTP/1.x response")
         if not 100 <= status <= 599:
             self._refuse("status code out of range")
@@ -197,7 +217,7 @@ class ResponseParser:
             self._view = memoryview(self._body)
         elif not codings:
             self._until_close = True
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = parser.should_keep_alive()
 
     def on_body(self, chunk: bytes) -> None:
         self._progressed = True
@@ -305,6 +325,7 @@ class _Connection:
             return await waiter
         finally:
             timer.cancel()
+            parser.close()
             self._parser = self._waiter = None
             self.idle_since = time.monotonic()
             if not (sent and parser.reusable):
