@@ -38,12 +38,14 @@ Reader = Callable[[Callable[[], bytes]], tuple[int, CIMultiDict[str], int]]
 
 
 def httptools_reader() -> Reader:
+    parser = ResponseParser()  # one per connection, as the proxy keeps it
+
     def read(recv: Callable[[], bytes]) -> tuple[int, CIMultiDict[str], int]:
-        parser = ResponseParser()
         while not parser.feed(recv()):
             pass
         response = parser.response
         assert response is not None
+        parser.reset()
         return response.status, response.headers, len(response.body)
 
     return read

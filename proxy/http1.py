@@ -37,6 +37,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 # A TLS record holds at most 16 KiB; a larger read buffer would only cost an mmap per read.
 READ_SIZE = 64 * 1024
 _NO_BODY = (204, 304)
+_CONTROLS = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"  # HTAB is allowed
 
 
 class BadResponse(Exception):
@@ -79,11 +80,23 @@ class ResponseParser:
     """
 
     def __init__(self) -> None:
-        # Refers back to this object: let go of it (close) once done, or the body it holds
-        # lives until the cycle collector runs.
+        # Refers back to this object: close() lets go of it, or the two live until the
+        # cycle collector runs.
         self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.reset()
+
+    def reset(self) -> None:
+        """Make ready for the next response on the same connection.
+
+        llhttp's state is kept (building it costs more than parsing a small response); it
+        is where the last response left it, which is only a fresh start after a
+        :attr:`reusable` one.
+        """
+        if self._parser is None:
+            self._parser = httptools.HttpResponseParser(self)
+        self._fields: list[tuple[bytes, bytes]] = []
         self._headers: CIMultiDict[str] = CIMultiDict()
-        self._reason = bytearray()
+        self._reason = b""
         self._status = 0
         self._in_head = True
         self._body = bytearray()
@@ -105,10 +118,8 @@ class ResponseParser:
     def feed(self, data: bytes) -> bool:
         """Take more bytes; True once the response is complete."""
         parser = self._parser
-        if parser is None:  # complete, refused or closed
-            if self._complete and not data.strip(b"\r\n"):
-                return True  # empty lines between messages: llhttp skips them too
-            raise BadResponse("bytes after the response")
+        if parser is None:
+            raise BadResponse("bytes after the end of the connection")
         self._progressed = False
         try:
             parser.feed_data(data)
@@ -127,8 +138,7 @@ class ResponseParser:
         except Exception as exc:  # nothing else may escape into an event loop callback
             self.close()
             raise BadResponse(f"unparseable response: {type(exc).__name__}") from None
-        if self._complete:
-            self.close()
+        if self._complete and self.response is None:
             self._finish()
         return self._complete
 
@@ -163,8 +173,8 @@ class ResponseParser:
         if self._complete:
             self._refuse("bytes after the response")
         self._progressed = True
-        self._headers = CIMultiDict()
-        self._reason.clear()
+        self._fields = []
+        self._reason = b""
         self._in_head = True
 
     def on_status(self, reason: bytes) -> None:
@@ -173,9 +183,9 @@ class ResponseParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # a trailer field: read, not relayed
-        if len(self._headers) >= MAX_HEADERS:
+        if len(self._fields) >= MAX_HEADERS:
             self._refuse("too many response headers")
-        self._headers.add(name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+        self._fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._progressed = True
@@ -189,10 +199,16 @@ class ResponseParser:
             self._refuse("not an HTTP/1.x response")
         if not 100 <= status <= 599:
             self._refuse("status code out of range")
-        if any((byte < 0x20 and byte != 0x09) or byte == 0x7F for byte in self._reason):
+        reason = self._reason
+        if len(reason.translate(None, _CONTROLS)) != len(reason):
             self._refuse("control character in the reason phrase")  # llhttp takes NUL
         self._status = status
-        headers = self._headers
+        headers = self._headers = CIMultiDict(
+            [
+                (name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+                for name, value in self._fields
+            ]
+        )
         codings = [
             coding.strip().lower()
             for value in headers.getall("Transfer-Encoding", ())
@@ -259,7 +275,8 @@ class _Connection:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
-        self._parser: ResponseParser | None = None
+        self._responses = ResponseParser()  # one per connection: llhttp is costly to build
+        self._parser: ResponseParser | None = None  # while a response is awaited
         self._waiter: asyncio.Future[Response] | None = None
         self._received = False
         self._writable_waiter: asyncio.Future[None] | None = None
@@ -309,7 +326,7 @@ class _Connection:
         """
         if self.closed:
             raise ConnectionFailed("connection already closed")
-        parser = self._parser = ResponseParser()
+        parser = self._parser = self._responses
         waiter: asyncio.Future[Response] = self._loop.create_future()
         self._waiter = waiter
         self._received = False
@@ -325,10 +342,11 @@ class _Connection:
             return await waiter
         finally:
             timer.cancel()
-            parser.close()
             self._parser = self._waiter = None
             self.idle_since = time.monotonic()
-            if not (sent and parser.reusable):
+            if sent and parser.reusable:
+                parser.reset()  # and so lets go of the response
+            else:
                 self.close()
 
     async def _send(self, data: bytes, waiter: asyncio.Future[Response]) -> bool:
@@ -423,6 +441,7 @@ class _Connection:
         if self.closed:
             return
         self.closed = True
+        self._responses.close()
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._sock.close()
