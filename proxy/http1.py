@@ -280,6 +280,7 @@ class _Connection:
         self._waiter: asyncio.Future[Response] | None = None
         self._received = False
         self._writable_waiter: asyncio.Future[None] | None = None
+        self._unsent = memoryview(b"")  # the rest of the request being sent
         # Registered for the connection's whole life: an idle connection notices at once
         # when the upstream closes it, or sends bytes nobody asked for.
         loop.add_reader(self._fd, self._readable)
@@ -331,17 +332,23 @@ class _Connection:
         self._waiter = waiter
         self._received = False
         sent = False
-        # A plain timer costs less per request than an asyncio.timeout() scope.
-        timer = self._loop.call_at(send_until.at, self._time_out, waiter, send_until.phase)
+        timer: asyncio.TimerHandle | None = None
         try:
-            sent = await self._send(request, waiter)
-            if not waiter.done():
+            # A request the socket takes at once (the usual case) needs no send timer: a
+            # plain timer per phase that waits is cheaper than an asyncio.timeout() scope.
+            written = self._send_now(request)
+            sent = written is True
+            if written is False and not waiter.done():
+                timer = self._loop.call_at(send_until.at, self._time_out, waiter, send_until.phase)
+                sent = await self._send(waiter)
                 timer.cancel()
+            if not waiter.done():
                 read_until = _limit(self._loop, read_seconds, "upstream_read", deadline)
                 timer = self._loop.call_at(read_until.at, self._time_out, waiter, read_until.phase)
             return await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._parser = self._waiter = None
             self.idle_since = time.monotonic()
             if sent and parser.reusable:
@@ -349,21 +356,37 @@ class _Connection:
             else:
                 self.close()
 
-    async def _send(self, data: bytes, waiter: asyncio.Future[Response]) -> bool:
-        """Write ``data`` until done or ``waiter`` is; True if all of it was written."""
-        view = memoryview(data)
+    def _send_now(self, data: bytes) -> bool | None:
+        """Write what the socket takes now: True if all of it, None if sending failed.
+
+        After a failure nothing more is sent: the upstream may have answered and closed,
+        and its response, or the end of the connection, reaches the reader.
+        """
+        self._unsent = view = memoryview(data)
+        try:
+            sent = self._sock.send(view)
+        except ssl.SSLWantWriteError:
+            return False
+        except OSError:
+            return None
+        self._unsent = view[sent:]
+        return not self._unsent
+
+    async def _send(self, waiter: asyncio.Future[Response]) -> bool:
+        """Write the rest until done or ``waiter`` is; True if all of it was written."""
+        view = self._unsent
         while view and not waiter.done():
+            await self._writable()
+            if waiter.done():
+                break
             try:
                 sent = self._sock.send(view)
             except ssl.SSLWantWriteError:
                 sent = 0
             except OSError:
-                # The upstream may have answered and closed: its response, or the end of
-                # the connection, reaches the reader; nothing more is sent.
                 return False
             view = view[sent:]
-            if view:
-                await self._writable()
+        self._unsent = view
         return not view
 
     async def _writable(self) -> None:
