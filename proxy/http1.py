@@ -67,13 +67,16 @@ class Response(NamedTuple):
 
 
 class ResponseParser:
-    """One response to a GET, POST or DELETE, parsed by llhttp and checked strictly.
+    """Responses to GET, POST or DELETE, one at a time, parsed by llhttp and checked strictly.
 
     Feed it bytes as they arrive; :meth:`feed` raises :class:`BadResponse` for anything it
-    will not relay. Beyond llhttp's own strictness (no obs-fold, no bare CR or LF, no
-    Content-Length with Transfer-Encoding, no duplicate or non-digit Content-Length), it
-    refuses a transfer coding other than ``chunked``, a status outside 100-599, a protocol
-    switch, bytes after the response, and heads, trailers or bodies beyond their limits.
+    will not relay, and :meth:`reset` readies it for the next response on the connection.
+    Beyond llhttp's own strictness (no obs-fold, no bare CR or LF, no Content-Length with
+    Transfer-Encoding, no duplicate or non-digit Content-Length), it refuses a version other
+    than 1.0 and 1.1, a status outside 100-599, a control character in the reason, a
+    transfer coding other than ``chunked``, framing headers on a 1xx (and
+    Transfer-Encoding on a 204 or 304), a protocol switch, bytes after the response, and
+    heads, trailers or bodies beyond their limits.
     Interim (1xx) responses are skipped; trailers are read and dropped.
 
     The ``on_*`` methods are llhttp's callbacks, not for callers.
