@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run demo test test-fast test-tools coverage lint lock bench clean
+.PHONY: run demo test test-fast test-tools coverage test-newest-aiohttp lint lock bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,9 +81,23 @@ coverage: test-tools $(BIN)/.installed
 	$(BIN)/coverage combine --quiet
 	$(BIN)/coverage report --fail-under=$(COVERAGE_FLOOR)
 
+# The HTTP-layer tests against the newest aiohttp on PyPI, in a virtualenv of its own,
+# so a release that breaks the proxy is seen before the pin lets it in.
+NEWEST := .venv-newest
+HTTP_LAYER_TESTS := tests/test_http1.py tests/test_upstream_framing.py \
+	tests/test_upstream_deadlines.py tests/test_upstream_faults.py tests/test_front_door.py \
+	tests/test_connections.py tests/test_hostile.py
+test-newest-aiohttp:
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/pip install --quiet --upgrade pip
+	$(NEWEST)/bin/pip install --quiet -e '.[dev]'
+	$(NEWEST)/bin/pip install --quiet --upgrade aiohttp
+	@$(NEWEST)/bin/python -c 'import aiohttp; print("aiohttp", aiohttp.__version__)'
+	$(NEWEST)/bin/pytest -p no:cacheprovider -q $(HTTP_LAYER_TESTS)
+
 bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .sandbox .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*
+	rm -rf $(VENV) $(NEWEST) .sandbox .pytest_cache .mypy_cache .ruff_cache .coverage .coverage.*

@@ -70,7 +70,7 @@ async def _upstream_resources(app: web.Application) -> AsyncIterator[None]:
         if shared is not None:
             await shared.start(tokens.on_shared_event)
         state.session, state.tokens = session, tokens
-        upstream = UpstreamClient(config.mobilepay, config.upstream)
+        upstream = UpstreamClient(config.mobilepay, config.upstream, state.metrics)
         state.upstream = upstream
         state.forwarder = Forwarder(config, tokens, upstream, state.metrics)
         state.metrics.token_lifetimes = lambda: (

@@ -101,8 +101,14 @@ class MobilePayConfig:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
-    connect_timeout_seconds: float = 3.0
-    timeout_seconds: float = 15.0
+    """The deadlines and the pool towards MobilePay, one per phase as nginx has them."""
+
+    connect_timeout_seconds: float = 3.0  # TCP connect and TLS handshake
+    send_timeout_seconds: float = 10.0  # the whole request written
+    timeout_seconds: float = 15.0  # from the request written to the whole response read
+    pool_timeout_seconds: float = 5.0  # waiting for one of max_connections to be free
+    # The whole request: token wait, pool wait, every attempt and the 401 replay.
+    request_deadline_seconds: float = 30.0
     max_connections: int = 100
     keepalive_timeout_seconds: float = 30.0
 
@@ -403,11 +409,35 @@ def _parse_upstream(table: _Table) -> UpstreamConfig:
         max_connections=table.integer(
             "max_connections", defaults.max_connections, minimum=1, maximum=10000
         ),
+        send_timeout_seconds=table.number(
+            "send_timeout_seconds", defaults.send_timeout_seconds, minimum=0.01, maximum=600
+        ),
+        pool_timeout_seconds=table.number(
+            "pool_timeout_seconds", defaults.pool_timeout_seconds, minimum=0.01, maximum=600
+        ),
+        request_deadline_seconds=table.number(
+            "request_deadline_seconds",
+            defaults.request_deadline_seconds,
+            minimum=0.01,
+            maximum=3600,
+        ),
         keepalive_timeout_seconds=table.number(
             "keepalive_timeout_seconds", defaults.keepalive_timeout_seconds, maximum=3600
         ),
     )
     table.finish()
+    # A phase deadline longer than the whole request's could never expire: say so.
+    for key in (
+        "connect_timeout_seconds",
+        "send_timeout_seconds",
+        "timeout_seconds",
+        "pool_timeout_seconds",
+    ):
+        if getattr(config, key) > config.request_deadline_seconds:
+            raise ConfigError(
+                f"[upstream] {key} must not exceed request_deadline_seconds "
+                f"({config.request_deadline_seconds:g})"
+            )
     return config
 
 

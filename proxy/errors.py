@@ -128,6 +128,15 @@ class UpstreamBadResponse(ProxyError):
     default_message = "MobilePay's response was broken or incomplete."
 
 
+class UpstreamBusy(ProxyError):
+    status = 503
+    code = "upstream_busy"
+    default_message = "Every connection to MobilePay is busy; try again shortly."
+
+    def __init__(self, message: str | None = None, *, retry_after: int | None = 1) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class TokenUnavailable(ProxyError):
     status = 503
     code = "token_unavailable"
@@ -138,3 +147,21 @@ class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream_timeout"
     default_message = "MobilePay did not answer in time."
+
+
+class UpstreamConnectTimeout(ProxyError):
+    status = 504
+    code = "upstream_connect_timeout"
+    default_message = "MobilePay did not accept a connection in time."
+
+
+class UpstreamSendTimeout(ProxyError):
+    status = 504
+    code = "upstream_send_timeout"
+    default_message = "MobilePay did not take the request in time."
+
+
+class RequestDeadlineExceeded(ProxyError):
+    status = 504
+    code = "request_deadline_exceeded"
+    default_message = "The request could not be completed within the proxy's deadline."

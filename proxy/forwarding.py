@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Config, Merchant
-from proxy.errors import MethodNotAllowed, ProxyError, UnsupportedUpgrade
+from proxy.errors import (
+    MethodNotAllowed,
+    ProxyError,
+    RequestDeadlineExceeded,
+    UnsupportedUpgrade,
+)
 from proxy.headers import request_strip_set, response_headers, upstream_request_headers
 from proxy.http1 import Response as UpstreamResponse
 from proxy.messages import Reply, Request, error_reply
@@ -50,6 +57,7 @@ class _Outcome:
     merchant: str = "-"
     token: str = "-"
     attempts: int = 0
+    deadline: float = 0.0  # event loop time by which the answer is due
 
 
 class Forwarder:
@@ -74,10 +82,12 @@ class Forwarder:
         self._targets_bytes = 0
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
+        self._deadline_seconds = config.upstream.request_deadline_seconds
+        self._deadline_expired = metrics.timeouts.labels("request_deadline")
 
     async def handle(self, request: Request) -> Reply:
         started = time.perf_counter()
-        outcome = _Outcome()
+        outcome = _Outcome(deadline=asyncio.get_running_loop().time() + self._deadline_seconds)
         self._metrics.in_flight.inc()
         try:
             reply = await self._proxy(request, outcome)
@@ -119,7 +129,10 @@ class Forwarder:
             self._remember_target(request.target, url, outcome.route)
         body = await request.read_body(self._max_body, self._body_timeout)
 
-        token = await self._tokens.get(merchant.vat)
+        # A held token needs no wait, and so no timer (a timer per request costs throughput).
+        token = self._tokens.usable(merchant.vat) or await self._within_deadline(
+            self._tokens.get(merchant.vat), outcome
+        )
         outcome.token = token.fingerprint
         upstream = await self._attempt(request, outcome, merchant, token, url, body)
         if upstream.status != 401:
@@ -144,7 +157,7 @@ class Forwarder:
         body: bytes,
     ) -> UpstreamResponse:
         try:
-            token = await self._tokens.replace_rejected(rejected)
+            token = await self._within_deadline(self._tokens.replace_rejected(rejected), outcome)
         except ProxyError:
             self._metrics.upstream_401_retries.labels("error").inc()
             raise
@@ -181,7 +194,7 @@ class Forwarder:
             outcome.attempts += 1
             started = time.perf_counter()
             try:
-                return await self._upstream.send(method, url, headers, body)
+                return await self._upstream.send(method, url, headers, body, outcome.deadline)
             except RetryableFailure as failure:
                 # Decided on what was sent: a key the hygiene dropped is no key.
                 if attempt == 2 or not _safe_to_resend(method, headers):
@@ -192,6 +205,18 @@ class Forwarder:
                     method_label(method), outcome.route, time.perf_counter() - started
                 )
         raise AssertionError("unreachable")
+
+    async def _within_deadline(self, wait: Awaitable[Token], outcome: _Outcome) -> Token:
+        """A token wait cut short at the request's deadline (the fetch itself goes on)."""
+        scope = asyncio.timeout_at(outcome.deadline)
+        try:
+            async with scope:
+                return await wait
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            self._deadline_expired.inc()
+            raise RequestDeadlineExceeded() from None
 
     def _resolve_target(self, raw_target: str) -> tuple[URL, str, bool]:
         """The upstream URL and route template for an allowed target, and whether it was

@@ -3,46 +3,41 @@
 Why not aiohttp's client: profiling under load showed ``ClientSession.request`` taking
 about 40 % of the proxy's CPU per request, most of it generality this proxy never uses
 (cookies, redirects, proxies, auth, compression, streaming). This client does exactly what
-forwarding needs: keep-alive TLS connections from a small pool, one serialised request
-head, and a response parsed in full, strictly — any framing it does not understand is an
-error, never a guess. The token endpoint, called rarely, still uses aiohttp.
+forwarding needs: keep-alive TLS connections from a small pool, one serialised request,
+and a response parsed in full by llhttp (through httptools), strictly — any framing it does
+not understand is an error, never a guess. The token endpoint, called rarely, still uses
+aiohttp.
 
-Errors are reported in the two kinds forwarding needs: :class:`ConnectionFailed` when not
-one byte of a response arrived (the request may be resent if that is safe), and
-:class:`BadResponse` / ``TimeoutError`` otherwise.
+Every phase has its own deadline, each capped by the request's overall deadline: the wait
+for a free connection, connecting (TCP and TLS), sending the request, and from then on the
+whole response. A connection goes back to the pool only when its request was sent whole and
+its response was framed by Content-Length or chunked encoding and ended exactly there.
+
+Errors are reported in the kinds forwarding needs: :class:`ConnectionFailed` when not one
+byte of a response arrived (the request may be resent if that is safe), :class:`Timeout`
+naming the phase whose deadline expired, and :class:`BadResponse` for everything else.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import ssl
 import time
 from typing import NamedTuple
 
+import httptools
 from multidict import CIMultiDict
 from yarl import URL
 
 # Far more than any PoS V10 answer; a response beyond it is not relayed.
-MAX_HEAD_BYTES = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # also bounds a chunk-size line and the trailers
+MAX_HEADERS = 200
 MAX_BODY_BYTES = 16 * 1024 * 1024
 # A TLS record holds at most 16 KiB; a larger read buffer would only cost an mmap per read.
 READ_SIZE = 64 * 1024
-_STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\x00-\x08\x0a-\x1f\x7f]*))?")
-# The header section after the status line, checked whole and then split into fields in
-# one pass each: every line a token name, a colon and a value with no control character
-# but HTAB. Anything else (obs-fold, a bare CR or LF, a space before the colon) fails.
-_FIELD_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_FIELD_VALUE = r"[^\x00-\x08\x0a-\x1f\x7f]*"
-_HEADER_SECTION = re.compile(rf"(?:\r\n{_FIELD_NAME}:{_FIELD_VALUE})*")
-# The value without its surrounding whitespace: empty, or from one visible character to
-# another (obs-text included).
-_HEADER_FIELD = re.compile(
-    rf"\r\n({_FIELD_NAME}):[ \t]*"
-    r"((?:[^\x00-\x20\x7f](?:[^\x00-\x08\x0a-\x1f\x7f]*[^\x00-\x20\x7f])?)?)"
-)
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})(?:[ \t]*;[^\r\n]*)?")
+_NO_BODY = (204, 304)
+_CONTROLS = bytes(range(0x09)) + bytes(range(0x0A, 0x20)) + b"\x7f"  # HTAB is allowed
 
 
 class BadResponse(Exception):
@@ -53,153 +48,220 @@ class ConnectionFailed(Exception):
     """The connection failed before any byte of a response arrived."""
 
 
+class Timeout(Exception):
+    """A deadline expired; ``phase`` is the one that did (a ``Metrics.timeouts`` label).
+
+    ``request_deadline`` when the request's overall deadline came before the phase's own.
+    """
+
+    def __init__(self, phase: str) -> None:
+        super().__init__(phase)
+        self.phase = phase
+
+
 class Response(NamedTuple):
     status: int
     reason: str
     headers: CIMultiDict[str]  # the caller's to change
-    body: bytes
+    body: bytearray  # the one copy: filled as it arrived, handed on as it is
 
 
-class _ResponseParser:
-    """Parses one response from bytes fed to it; raises BadResponse on anything ambiguous."""
+class ResponseParser:
+    """Responses to GET, POST or DELETE, one at a time, parsed by llhttp and checked strictly.
 
-    def __init__(self, method: str) -> None:
-        self._method = method
-        self._buffer = bytearray()
-        self._head: tuple[int, str, CIMultiDict[str], bool] | None = None
-        self._length: int | None = None  # Content-Length framing
-        self._chunked = False
+    Feed it bytes as they arrive; :meth:`feed` raises :class:`BadResponse` for anything it
+    will not relay, and :meth:`reset` readies it for the next response on the connection.
+    Beyond llhttp's own strictness (no obs-fold, no bare CR or LF, no Content-Length with
+    Transfer-Encoding, no duplicate or non-digit Content-Length), it refuses a version other
+    than 1.0 and 1.1, a status outside 100-599, a control character in the reason, a
+    transfer coding other than ``chunked``, framing headers on a 1xx (and
+    Transfer-Encoding on a 204 or 304), a protocol switch, bytes after the response, and
+    heads, trailers or bodies beyond their limits.
+    Interim (1xx) responses are skipped; trailers are read and dropped.
+
+    The ``on_*`` methods are llhttp's callbacks, not for callers.
+    """
+
+    def __init__(self) -> None:
+        # Refers back to this object: close() lets go of it, or the two live until the
+        # cycle collector runs.
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.reset()
+
+    def reset(self) -> None:
+        """Make ready for the next response on the same connection.
+
+        llhttp's state is kept (building it costs more than parsing a small response); it
+        is where the last response left it, which is only a fresh start after a
+        :attr:`reusable` one.
+        """
+        if self._parser is None:
+            self._parser = httptools.HttpResponseParser(self)
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._reason = b""
+        self._status = 0
+        self._in_head = True
+        self._body = bytearray()
+        self._view: memoryview | None = None  # over _body when its length is known
+        self._filled = 0
         self._until_close = False
-        self._chunks: list[bytes] = []
-        self._body_size = 0
+        self._keep_alive = False
+        self._complete = False
+        self._progressed = False
+        self._stalled = 0  # bytes fed since the parser last made progress
+        self._error: str | None = None
         self.response: Response | None = None
-        self.keep_alive = False
+
+    @property
+    def reusable(self) -> bool:
+        """Complete, framed by length or chunks, and the upstream keeps the connection."""
+        return self._complete and self._keep_alive and not self._until_close
 
     def feed(self, data: bytes) -> bool:
         """Take more bytes; True once the response is complete."""
-        self._buffer += data
-        while self._head is None:
-            if not self._parse_head():
-                return False
-        if self._until_close:
-            self._check_size(len(self._buffer))
+        parser = self._parser
+        if parser is None:
+            raise BadResponse("bytes after the end of the connection")
+        self._progressed = False
+        try:
+            parser.feed_data(data)
+            if self._progressed:
+                self._stalled = len(data)
+            else:
+                self._stalled += len(data)
+            if not self._complete and self._stalled > MAX_HEAD_BYTES + READ_SIZE:
+                raise BadResponse("response head, chunk line or trailers too large")
+        except BadResponse:
+            self.close()
+            raise
+        except httptools.HttpParserError as exc:
+            self.close()
+            raise BadResponse(self._error or str(exc) or type(exc).__name__) from None
+        except Exception as exc:  # nothing else may escape into an event loop callback
+            self.close()
+            raise BadResponse(f"unparseable response: {type(exc).__name__}") from None
+        if self._complete and self.response is None:
+            self._finish()
+        return self._complete
+
+    def feed_eof(self, *, clean: bool) -> bool:
+        """The connection ended; True if that completed a close-delimited response.
+
+        ``clean``: TLS said so (close_notify). Without it the end may be a truncation.
+        """
+        self.close()
+        if self._complete or not self._until_close or not clean:
             return False
-        if self._chunked:
-            return self._parse_chunks()
-        assert self._length is not None
-        if len(self._buffer) < self._length:
-            return False
-        if len(self._buffer) > self._length:
-            raise BadResponse("bytes after the response")
-        self._complete(bytes(self._buffer))
+        self._complete = True
+        self._finish()
         return True
 
-    def feed_eof(self) -> bool:
-        """The connection closed; True if that completed a read-until-close response."""
-        if self._head is not None and self._until_close:
-            self._complete(bytes(self._buffer))
-            return True
-        return False
+    def close(self) -> None:
+        """Let go of llhttp's state; later bytes are refused."""
+        self._parser = None
 
-    def _parse_head(self) -> bool:
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_HEAD_BYTES:
-                raise BadResponse("response head too large")
-            return False
-        head = self._buffer[:end].decode("latin-1")
-        del self._buffer[: end + 4]
-        line_end = head.find("\r\n")
-        if line_end < 0:
-            line_end = len(head)
-        status_line = _STATUS_LINE.fullmatch(head, 0, line_end)
-        if status_line is None:
-            raise BadResponse("malformed status line")
-        minor, status = int(status_line.group(1)), int(status_line.group(2))
-        if not _HEADER_SECTION.fullmatch(head, line_end):
-            raise BadResponse("malformed header line")
-        headers = CIMultiDict(_HEADER_FIELD.findall(head, line_end))
-        if 100 <= status < 200:
-            if status == 101:
-                raise BadResponse("unexpected protocol switch")
-            return True  # an interim response: the real one follows
-        connection = {
-            token.strip().lower()
-            for value in headers.getall("Connection", ())
-            for token in value.split(",")
-        }
-        self.keep_alive = "close" not in connection and (minor == 1 or "keep-alive" in connection)
-        self._head = (status, status_line.group(3) or "", headers, minor == 1)
-        self._frame(status, headers)
-        return True
+    def _finish(self) -> None:
+        self.response = Response(
+            self._status, self._reason.decode("latin-1"), self._headers, self._body
+        )
 
-    def _frame(self, status: int, headers: CIMultiDict[str]) -> None:
-        encodings = headers.getall("Transfer-Encoding", ())
-        lengths = headers.getall("Content-Length", ())
-        if self._method == "HEAD" or status in (204, 304):
-            self._length = 0
-        elif encodings:
-            if lengths:
-                raise BadResponse("both Transfer-Encoding and Content-Length")
-            codings = [c.strip().lower() for value in encodings for c in value.split(",")]
-            if codings != ["chunked"]:
-                raise BadResponse("unsupported transfer coding")
-            self._chunked = True
-        elif lengths:
-            values = {value.strip() for length in lengths for value in length.split(",")}
-            if len(values) != 1 or not next(iter(values)).isdigit():
-                raise BadResponse("invalid Content-Length")
-            self._length = int(values.pop())
-            self._check_size(self._length)
-        else:
+    def _refuse(self, reason: str) -> None:
+        self._error = reason
+        raise BadResponse(reason)  # llhttp stops; feed() reports self._error
+
+    # llhttp's callbacks
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._refuse("bytes after the response")
+        self._progressed = True
+        self._fields = []
+        self._reason = b""
+        self._in_head = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer field: read, not relayed
+        if len(self._fields) >= MAX_HEADERS:
+            self._refuse("too many response headers")
+        self._fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._progressed = True
+        self._in_head = False
+        parser = self._parser
+        assert parser is not None  # llhttp calls back only from feed()
+        status = parser.get_status_code()
+        if status == 101:
+            self._refuse("unexpected protocol switch")
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            self._refuse("not an HTTP/1.x response")
+        if not 100 <= status <= 599:
+            self._refuse("status code out of range")
+        reason = self._reason
+        if len(reason.translate(None, _CONTROLS)) != len(reason):
+            self._refuse("control character in the reason phrase")  # llhttp takes NUL
+        self._status = status
+        headers = self._headers = CIMultiDict(
+            [
+                (name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
+                for name, value in self._fields
+            ]
+        )
+        codings = [
+            coding.strip().lower()
+            for value in headers.getall("Transfer-Encoding", ())
+            for coding in value.split(",")
+        ]
+        length = headers.get("Content-Length")
+        if codings and (status < 200 or status in _NO_BODY):
+            self._refuse("Transfer-Encoding on a response that has no body")  # RFC 9112 6.1
+        if status < 200:
+            if length is not None:
+                self._refuse("Content-Length on an interim response")  # RFC 9110 8.6
+            return  # the real response follows
+        if codings and codings != ["chunked"]:
+            self._refuse("unsupported transfer coding")
+        if status in _NO_BODY:
+            pass
+        elif length is not None and not codings:
+            size = int(length)  # llhttp has checked: ASCII digits, no overflow, one value
+            if size > MAX_BODY_BYTES:
+                self._refuse("response body too large")
+            self._body = bytearray(size)
+            self._view = memoryview(self._body)
+        elif not codings:
             self._until_close = True
-            self.keep_alive = False
+        self._keep_alive = parser.should_keep_alive()
 
-    def _parse_chunks(self) -> bool:
-        buffer = self._buffer
-        while True:
-            line_end = buffer.find(b"\r\n")
-            if line_end < 0:
-                if len(buffer) > 1024:
-                    raise BadResponse("malformed chunk size line")
-                return False
-            size_line = _CHUNK_SIZE.fullmatch(bytes(buffer[:line_end]))
-            if size_line is None:
-                raise BadResponse("malformed chunk size line")
-            size = int(size_line.group(1), 16)
-            if size == 0:
-                trailers_end = buffer.find(b"\r\n", line_end + 2)
-                if trailers_end < 0:
-                    return False
-                if trailers_end != line_end + 2:
-                    # Trailer fields: allowed, not relayed; wait for their blank line.
-                    end = buffer.find(b"\r\n\r\n", line_end)
-                    if end < 0:
-                        return False
-                    trailers_end = end + 2
-                if len(buffer) > trailers_end + 2:
-                    raise BadResponse("bytes after the response")
-                self._complete(b"".join(self._chunks))
-                return True
-            end = line_end + 2 + size
-            if len(buffer) < end + 2:
-                self._check_size(self._body_size + size)
-                return False
-            if buffer[end : end + 2] != b"\r\n":
-                raise BadResponse("chunk not followed by CRLF")
-            self._chunks.append(bytes(buffer[line_end + 2 : end]))
-            self._body_size += size
-            self._check_size(self._body_size)
-            del buffer[: end + 2]
+    def on_body(self, chunk: bytes) -> None:
+        self._progressed = True
+        size = len(chunk)
+        view = self._view
+        if view is not None:
+            view[self._filled : self._filled + size] = chunk
+            self._filled += size
+            return
+        if len(self._body) + size > MAX_BODY_BYTES:
+            self._refuse("response body too large")
+        self._body += chunk
 
-    def _check_size(self, size: int) -> None:
-        if size > MAX_BODY_BYTES:
-            raise BadResponse("response body too large")
+    def on_chunk_header(self) -> None:
+        self._progressed = True
 
-    def _complete(self, body: bytes) -> None:
-        assert self._head is not None
-        status, reason, headers, _ = self._head
-        self.response = Response(status, reason, headers, body)
+    def on_message_complete(self) -> None:
+        self._progressed = True
+        if self._status < 200:
+            self._status = 0
+            return
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+        self._complete = True
 
 
 class _Connection:
@@ -216,10 +278,12 @@ class _Connection:
         self._loop = loop
         self._sock = sock
         self._fd = sock.fileno()
-        self._parser: _ResponseParser | None = None
+        self._responses = ResponseParser()  # one per connection: llhttp is costly to build
+        self._parser: ResponseParser | None = None  # while a response is awaited
         self._waiter: asyncio.Future[Response] | None = None
         self._received = False
         self._writable_waiter: asyncio.Future[None] | None = None
+        self._unsent = memoryview(b"")  # the rest of the request being sent
         # Registered for the connection's whole life: an idle connection notices at once
         # when the upstream closes it, or sends bytes nobody asked for.
         loop.add_reader(self._fd, self._readable)
@@ -230,7 +294,14 @@ class _Connection:
         loop = asyncio.get_running_loop()
         sock = await _connect_tcp(loop, host, port)
         try:
-            tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+            # A TCP FIN without TLS close_notify must read as an error, not as an end: it is
+            # all that tells a truncated close-delimited response from a whole one.
+            tls = context.wrap_socket(
+                sock,
+                server_hostname=host,
+                do_handshake_on_connect=False,
+                suppress_ragged_eofs=False,
+            )
         except BaseException:
             sock.close()
             raise
@@ -248,45 +319,81 @@ class _Connection:
             raise
         return cls(loop, tls)
 
-    async def exchange(self, request: bytes, method: str, wait_seconds: float) -> Response:
-        """Send a request and wait for its whole response, at most ``wait_seconds``."""
+    async def exchange(
+        self, request: bytes, send_until: _Limit, read_seconds: float, deadline: float
+    ) -> Response:
+        """Send a request and wait for its whole response.
+
+        Sending must end by ``send_until``; from then on the response has ``read_seconds``
+        (both capped by ``deadline``). A complete response that arrives while the request is
+        still being sent ends the sending: the upstream has answered without reading it all.
+        """
         if self.closed:
             raise ConnectionFailed("connection already closed")
-        self._parser = _ResponseParser(method)
+        parser = self._parser = self._responses
         waiter: asyncio.Future[Response] = self._loop.create_future()
         self._waiter = waiter
         self._received = False
-        # A plain timer costs less per request than an asyncio.timeout() scope.
-        timer = self._loop.call_later(wait_seconds, self._time_out, waiter)
+        sent = False
+        timer: asyncio.TimerHandle | None = None
         try:
-            try:
-                await self._send(request)
-            except ConnectionFailed:
-                if waiter.done():  # timed out, or the upstream answered early and closed
-                    return waiter.result()
-                raise
+            # A request the socket takes at once (the usual case) needs no send timer: a
+            # plain timer per phase that waits is cheaper than an asyncio.timeout() scope.
+            written = self._send_now(request)
+            sent = written is True
+            if written is False and not waiter.done():
+                timer = self._loop.call_at(send_until.at, self._time_out, waiter, send_until.phase)
+                sent = await self._send(waiter)
+                timer.cancel()
+            if not waiter.done():
+                read_until = _limit(self._loop, read_seconds, "upstream_read", deadline)
+                timer = self._loop.call_at(read_until.at, self._time_out, waiter, read_until.phase)
             return await waiter
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             self._parser = self._waiter = None
             self.idle_since = time.monotonic()
+            if sent and parser.reusable:
+                parser.reset()  # and so lets go of the response
+            else:
+                self.close()
 
-    async def _send(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
+    def _send_now(self, data: bytes) -> bool | None:
+        """Write what the socket takes now: True if all of it, None if sending failed.
+
+        After a failure nothing more is sent: the upstream may have answered and closed,
+        and its response, or the end of the connection, reaches the reader.
+        """
+        self._unsent = view = memoryview(data)
+        try:
+            sent = self._sock.send(view)
+        except ssl.SSLWantWriteError:
+            return False
+        except OSError:
+            return None
+        self._unsent = view[sent:]
+        return not self._unsent
+
+    async def _send(self, waiter: asyncio.Future[Response]) -> bool:
+        """Write the rest until done or ``waiter`` is; True if all of it was written."""
+        view = self._unsent
+        while view and not waiter.done():
+            await self._writable()
+            if waiter.done():
+                break
             try:
                 sent = self._sock.send(view)
             except ssl.SSLWantWriteError:
                 sent = 0
-            except OSError as exc:
-                self.close()
-                raise ConnectionFailed(type(exc).__name__) from None
+            except OSError:
+                return False
             view = view[sent:]
-            if view:
-                await self._writable()
+        self._unsent = view
+        return not view
 
     async def _writable(self) -> None:
-        """Wait until the socket takes more bytes; fails if the connection closes meanwhile."""
+        """Wait until the socket takes more bytes, the response is done or the connection is."""
         writable = self._writable_waiter = self._loop.create_future()
         self._loop.add_writer(self._fd, _wake, writable)
         try:
@@ -303,11 +410,11 @@ class _Connection:
                 data = sock.recv(READ_SIZE)
             except ssl.SSLWantReadError:
                 return
-            except OSError:  # a reset, a TLS alert, or close_notify (SSLZeroReturnError)
-                self._ended()
+            except OSError:  # a reset, a TLS alert, or a FIN without close_notify
+                self._ended(clean=False)
                 return
-            if not data:
-                self._ended()
+            if not data:  # close_notify: the upstream said it is done
+                self._ended(clean=True)
                 return
             self._data_received(data)
             # Bytes still in the kernel wake this again; only what OpenSSL has already
@@ -329,38 +436,54 @@ class _Connection:
             return
         if done:
             assert parser.response is not None
-            if not parser.keep_alive:
-                self.close()
             waiter.set_result(parser.response)
+            self._wake_sender()
 
-    def _ended(self) -> None:
+    def _ended(self, *, clean: bool) -> None:
         self.close()
         parser, waiter = self._parser, self._waiter
         if waiter is None or waiter.done():
             return
-        if parser is not None and parser.feed_eof():
+        if parser is not None and parser.feed_eof(clean=clean):
             assert parser.response is not None
             waiter.set_result(parser.response)
         elif self._received:
-            waiter.set_exception(BadResponse("connection closed mid-response"))
+            reason = "connection closed" if clean else "connection broken without close_notify"
+            waiter.set_exception(BadResponse(f"{reason} mid-response"))
         else:
             waiter.set_exception(ConnectionFailed("connection closed before a response"))
 
-    def _time_out(self, waiter: asyncio.Future[Response]) -> None:
+    def _time_out(self, waiter: asyncio.Future[Response], phase: str) -> None:
         if not waiter.done():
             self.close()
-            waiter.set_exception(TimeoutError())
+            waiter.set_exception(Timeout(phase))
+
+    def _wake_sender(self) -> None:
+        writable = self._writable_waiter
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._responses.close()
         self._loop.remove_reader(self._fd)
         self._loop.remove_writer(self._fd)
         self._sock.close()
-        writable = self._writable_waiter
-        if writable is not None and not writable.done():
-            writable.set_exception(ConnectionFailed("connection closed while sending"))
+        self._wake_sender()
+
+
+class _Limit(NamedTuple):
+    """When a phase ends (loop time), and the phase to blame: its own or the request's."""
+
+    at: float
+    phase: str
+
+
+def _limit(loop: asyncio.AbstractEventLoop, seconds: float, phase: str, deadline: float) -> _Limit:
+    at = loop.time() + seconds
+    return _Limit(at, phase) if at < deadline else _Limit(deadline, "request_deadline")
 
 
 async def _connect_tcp(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
@@ -410,39 +533,67 @@ class ConnectionPool:
         *,
         limit: int,
         connect_timeout: float,
+        send_timeout: float,
+        read_timeout: float,
+        pool_timeout: float,
         keepalive_timeout: float,
     ) -> None:
         self._context = context
         self._connect_timeout = connect_timeout
+        self._send_timeout = send_timeout
+        self._read_timeout = read_timeout
+        self._pool_timeout = pool_timeout
         self._keepalive_timeout = keepalive_timeout
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._slots = asyncio.Semaphore(limit)
 
     async def request(
-        self, method: str, url: URL, head: bytes, body: bytes, wait_seconds: float
+        self, method: str, url: URL, head: bytes, body: bytes, deadline: float
     ) -> Response:
         """Send one request; ``head`` is the serialised header block after the request line.
 
-        ``wait_seconds`` bounds the wait for the response; connecting has its own timeout.
+        ``deadline`` (event loop time) caps every phase; past it, nothing more is sent.
         """
+        loop = asyncio.get_running_loop()
         host, port = url.raw_host or "", url.port or 443
         request = b"".join((f"{method} {url.raw_path_qs} HTTP/1.1\r\n".encode(), head, body))
-        async with self._slots:
-            connection = self._idle_connection(host, port) or await self._connect(host, port)
-            try:
-                response = await connection.exchange(request, method, wait_seconds)
-            except BaseException:
+        await self._acquire(loop, deadline)
+        try:
+            connection = self._idle_connection(host, port)
+            if connection is None:
+                connection = await self._connect(loop, host, port, deadline)
+            send_until = _limit(loop, self._send_timeout, "upstream_send", deadline)
+            response = await connection.exchange(request, send_until, self._read_timeout, deadline)
+            if body and response.status >= 400:
+                # A gateway refuses on the head alone (401, a missing header) and may leave
+                # the body unread in its buffers, where it would pass for the next request.
+                # Whether it read the body cannot be seen from here: start afresh.
                 connection.close()
-                raise
             if not connection.closed:
                 self._idle.setdefault((host, port), []).append(connection)
             return response
+        finally:
+            self._slots.release()
 
     def close(self) -> None:
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()
         self._idle.clear()
+
+    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """A slot within the pool timeout; a request past its deadline never gets one."""
+        if loop.time() >= deadline:
+            raise Timeout("request_deadline")
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: returns at once, no timer needed
+            return
+        until = _limit(loop, self._pool_timeout, "pool_wait", deadline)
+        try:
+            async with asyncio.timeout_at(until.at):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise Timeout(until.phase) from None
 
     def _idle_connection(self, host: str, port: int) -> _Connection | None:
         idle = self._idle.get((host, port))
@@ -455,13 +606,18 @@ class ConnectionPool:
             return connection
         return None
 
-    async def _connect(self, host: str, port: int) -> _Connection:
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, host: str, port: int, deadline: float
+    ) -> _Connection:
+        until = _limit(loop, self._connect_timeout, "upstream_connect", deadline)
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(until.at):
                 return await _Connection.open(host, port, self._context)
         except ssl.SSLCertVerificationError:
             raise
-        except OSError as exc:  # ssl.SSLError and TimeoutError included
+        except TimeoutError:
+            raise Timeout(until.phase) from None
+        except OSError as exc:  # ssl.SSLError included
             raise ConnectionFailed(type(exc).__name__) from None
 
 

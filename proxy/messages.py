@@ -32,7 +32,7 @@ class Reply:
     status: int
     reason: str = ""
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
-    body: bytes = b""
+    body: bytes | bytearray = b""  # an upstream body as it arrived, never copied
     close: bool = False  # end the connection after this reply
 
 

@@ -6,6 +6,7 @@ endpoint, called rarely, through one aiohttp session.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 
@@ -14,9 +15,19 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import MobilePayConfig, UpstreamConfig
-from proxy.errors import ProxyError, UpstreamBadResponse, UpstreamTimeout, UpstreamUnreachable
-from proxy.http1 import BadResponse, ConnectionFailed, ConnectionPool, serialise_headers
+from proxy.errors import (
+    ProxyError,
+    RequestDeadlineExceeded,
+    UpstreamBadResponse,
+    UpstreamBusy,
+    UpstreamConnectTimeout,
+    UpstreamSendTimeout,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.http1 import BadResponse, ConnectionFailed, ConnectionPool, Timeout, serialise_headers
 from proxy.http1 import Response as UpstreamResponse
+from proxy.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +41,12 @@ def tls_context(config: MobilePayConfig) -> ssl.SSLContext:
 
 
 def create_session(mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> aiohttp.ClientSession:
+    """The session for the token endpoint.
+
+    It only POSTs, which aiohttp never resends on its own (it resends only idempotent
+    methods after a dropped keep-alive connection): which requests may be sent twice is
+    decided in one place, forwarding.
+    """
     connector = aiohttp.TCPConnector(
         ssl=tls_context(mobilepay),
         limit=upstream.max_connections,
@@ -37,7 +54,7 @@ def create_session(mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> aioh
         keepalive_timeout=upstream.keepalive_timeout_seconds,
         ttl_dns_cache=60,
     )
-    session = aiohttp.ClientSession(
+    return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(
             total=upstream.timeout_seconds, connect=upstream.connect_timeout_seconds
@@ -49,11 +66,6 @@ def create_session(mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> aioh
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent"),
         trust_env=False,
     )
-    # aiohttp silently resends GET, PUT and DELETE once after a dropped connection. Which
-    # requests may be resent is a money question here, decided in one place
-    # (forwarding._safe_to_resend), so aiohttp's own resend is switched off.
-    session._retry_connection = False
-    return session
 
 
 class RetryableFailure(Exception):
@@ -64,30 +76,62 @@ class RetryableFailure(Exception):
         self.error = error
 
 
+# One answer per expired deadline (README, "Timeouts").
+_TIMEOUT_ERRORS: dict[str, type[ProxyError]] = {
+    "upstream_connect": UpstreamConnectTimeout,
+    "upstream_send": UpstreamSendTimeout,
+    "upstream_read": UpstreamTimeout,
+    "pool_wait": UpstreamBusy,
+    "request_deadline": RequestDeadlineExceeded,
+}
+
+
 class UpstreamClient:
     """Forwards requests to MobilePay over a keep-alive pool, mapping every failure."""
 
-    def __init__(self, mobilepay: MobilePayConfig, upstream: UpstreamConfig) -> None:
+    def __init__(
+        self, mobilepay: MobilePayConfig, upstream: UpstreamConfig, metrics: Metrics
+    ) -> None:
         self._pool = ConnectionPool(
             tls_context(mobilepay),
             limit=upstream.max_connections,
             connect_timeout=upstream.connect_timeout_seconds,
+            send_timeout=upstream.send_timeout_seconds,
+            read_timeout=upstream.timeout_seconds,
+            pool_timeout=upstream.pool_timeout_seconds,
             keepalive_timeout=upstream.keepalive_timeout_seconds,
         )
-        self._timeout = upstream.timeout_seconds
+        self._deadline_seconds = upstream.request_deadline_seconds
+        self._timeouts = {phase: metrics.timeouts.labels(phase) for phase in _TIMEOUT_ERRORS}
 
     def close(self) -> None:
         self._pool.close()
 
     async def send(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: bytes
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes,
+        deadline: float | None = None,
     ) -> UpstreamResponse:
-        """One attempt. Raises RetryableFailure when no response byte arrived, else ProxyError."""
+        """One attempt, within ``deadline`` (event loop time; by default one request's worth).
+
+        Raises RetryableFailure when nothing was sent or no response byte arrived, else
+        ProxyError.
+        """
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self._deadline_seconds
         head = serialise_headers(method, url.host_port_subcomponent or "", headers, body)
         try:
-            return await self._pool.request(method, url, head, body, self._timeout)
-        except TimeoutError:
-            raise UpstreamTimeout() from None
+            return await self._pool.request(method, url, head, body, deadline)
+        except Timeout as exc:
+            self._timeouts[exc.phase].inc()
+            error = _TIMEOUT_ERRORS[exc.phase]()
+            log.warning("upstream %s %s: %s timed out", method, url.path, exc.phase)
+            if exc.phase == "upstream_connect":  # nothing was sent
+                raise RetryableFailure(error) from None
+            raise error from None
         except ssl.SSLCertVerificationError:
             raise UpstreamUnreachable(
                 "MobilePay's TLS certificate could not be verified."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -35,9 +36,6 @@ class FaultServer:
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
-                if self.behaviour == "stop_reading":
-                    await asyncio.sleep(5)
-                    return
                 if self.behaviour == "read_late":
                     await asyncio.sleep(0.5)
                 body = await reader.readexactly(length)
@@ -123,21 +121,23 @@ async def test_upstream_faults_map_to_gateway_errors(
     assert len(fault_server.received) == 1, "a non-idempotent request was sent twice"
 
 
-async def test_refused_and_unresolvable_upstreams(
-    start_proxy: Callable[..., Any], unused_tcp_port: int
-) -> None:
-    refused: RunningProxy = await start_proxy(
-        mobilepay={"api_base_url": f"https://127.0.0.1:{unused_tcp_port}"}
-    )
-    status, headers, _ = await refused.request("GET", "/pos/v10/payments/1")
+async def test_refused_and_unresolvable_upstreams(start_proxy: Callable[..., Any]) -> None:
+    # Bound and never listening: a connect is refused, and no other test can take the port.
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        port = closed_port.getsockname()[1]
+        refused: RunningProxy = await start_proxy(
+            mobilepay={"api_base_url": f"https://127.0.0.1:{port}"}
+        )
+        status, headers, _ = await refused.request("GET", "/pos/v10/payments/1")
     assert (status, headers["X-Proxy-Error"]) == (502, "upstream_unreachable")
+    # .invalid never resolves (RFC 6761): the resolver says so at once.
     unresolvable: RunningProxy = await start_proxy(
         mobilepay={"api_base_url": "https://mobilepay.invalid"},
         upstream={"connect_timeout_seconds": 3},
     )
     status, headers, _ = await unresolvable.request("GET", "/pos/v10/payments/1")
-    assert status in (502, 504)
-    assert headers["X-Proxy-Error"] in ("upstream_unreachable", "upstream_timeout")
+    assert (status, headers["X-Proxy-Error"]) == (502, "upstream_unreachable")
 
 
 async def test_connection_listed_response_headers_are_stripped(
@@ -220,19 +220,6 @@ async def test_a_large_body_reaches_an_upstream_that_reads_it_late(
     assert status == 200
     (received,) = fault_server.received
     assert received.endswith(b"\r\n\r\n" + LARGE_BODY)
-
-
-async def test_an_upstream_that_stops_reading_times_out(
-    start_proxy: Callable[..., Any], fault_server: FaultServer
-) -> None:
-    proxy = await _large_body_proxy(start_proxy, fault_server, timeout_seconds=1)
-    fault_server.behaviour = "stop_reading"
-    started = asyncio.get_running_loop().time()
-    status, headers, _ = await proxy.request(
-        "POST", "/pos/v10/payments", data=io.BytesIO(LARGE_BODY)
-    )
-    assert (status, headers["X-Proxy-Error"]) == (504, "upstream_timeout")
-    assert asyncio.get_running_loop().time() - started < 3
 
 
 async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(

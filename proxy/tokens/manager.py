@@ -99,8 +99,8 @@ class TokenManager:
         self._fetcher = fetcher
         self._config = config
 
-    async def get(self, vat: str) -> Token:
-        """A usable token for the merchant, fetching one only when none is held."""
+    def usable(self, vat: str) -> Token | None:
+        """The held token if it can be used now (a refresh starts when due), else None."""
         token = self._store.get(vat)
         if token is not None:
             now = self._clock()
@@ -108,7 +108,15 @@ class TokenManager:
                 if now >= token.refresh_at:
                     self._refresh_in_background(vat)
                 return token
-        return await self._shared_fetch(vat, "expiring" if token is not None else "initial")
+        return None
+
+    async def get(self, vat: str) -> Token:
+        """A usable token for the merchant, fetching one only when none is held."""
+        token = self.usable(vat)
+        if token is not None:
+            return token
+        held = self._store.get(vat) is not None
+        return await self._shared_fetch(vat, "expiring" if held else "initial")
 
     async def replace_rejected(self, rejected: Token) -> Token:
         """A token to replay with after MobilePay answered 401 to ``rejected``.
