@@ -81,6 +81,8 @@ class ServerConfig:
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 100
+    send_timeout_seconds: float = 10.0
+    max_connections: int = 1024
     workers: int = 1
 
 
@@ -292,6 +294,10 @@ def _parse_server(table: _Table) -> ServerConfig:
         max_line_size=table.integer("max_line_size", defaults.max_line_size, minimum=256),
         max_field_size=table.integer("max_field_size", defaults.max_field_size, minimum=256),
         max_headers=table.integer("max_headers", defaults.max_headers, minimum=8),
+        send_timeout_seconds=table.number(
+            "send_timeout_seconds", defaults.send_timeout_seconds, minimum=0.01
+        ),
+        max_connections=table.integer("max_connections", defaults.max_connections, minimum=1),
         workers=table.integer("workers", defaults.workers, minimum=1, maximum=64),
     )
     table.finish()

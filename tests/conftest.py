@@ -208,7 +208,7 @@ async def start_proxy(
         runner = web.AppRunner(app)
         await runner.setup()
         runners.append(runner)
-        edge = EdgeServer(proxy_handler(app), config.server)
+        edge = EdgeServer(proxy_handler(app), config.server, app[STATE].metrics)
         edges.append(edge)
         await edge.listen("127.0.0.1", 0)
         metrics_runner = web.AppRunner(create_metrics_app(app[STATE]), access_log=None)
