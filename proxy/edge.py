@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -170,8 +170,8 @@ class _Refused(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._transport = transport = cast(asyncio.Transport, transport)
         server = self._server
         server.metrics.connections_refused.inc()
         reply = server.handler.refuse(TooManyConnections(retry_after=1), _peer(transport), None)
@@ -247,8 +247,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport = cast(asyncio.Transport, transport)
         self._remote = _peer(transport)
         self._server.opened(self)
         self._arm(self._config.header_timeout_seconds, head=True)
