@@ -132,7 +132,8 @@ async def test_answers_stop_when_the_terminal_resets_the_connection(
 
     await until(lambda: proxy.sample(CONNECTIONS) == 0 and forbidden() > 0)
     answered = forbidden()
-    await asyncio.sleep(0)
+    for _ in range(20):  # event loop turns in which a stray answer would show
+        await asyncio.sleep(0)
     assert forbidden() == answered, "requests are still answered for a terminal that left"
     writes_after_close = [line for line in exposure.logs.lines if "socket.send()" in line]
     assert writes_after_close == []

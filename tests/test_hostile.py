@@ -314,6 +314,7 @@ async def test_trickling_body_hits_the_deadline_and_others_are_unaffected(
     assert loop.time() - started < 2
     writer.close()
     assert all(r.method == "GET" for r in pos_server.requests)
+    assert proxy.sample("mobilepay_proxy_timeouts_total", {"phase": "request_body"}) == 1
 
 
 async def test_source_networks_restrict_a_merchant(
@@ -364,6 +365,7 @@ async def test_slowloris_headers_are_cut_off_and_others_are_unaffected(
     writer.close()
     assert closed_at is not None, "a trickling client kept its connection"
     assert 0.4 < closed_at - started < 2.0
+    assert proxy.sample("mobilepay_proxy_timeouts_total", {"phase": "request_head"}) == 1
     assert all(
         r.headers["X-MobilePay-Merchant-VAT-Number"] == "DK10000002" for r in pos_server.requests
     )
