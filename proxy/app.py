@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from proxy.config import Config, ConfigError
 from proxy.edge import Handler
+from proxy.errors import ProxyError
 from proxy.forwarding import Forwarder
 from proxy.messages import Reply, Request
 from proxy.metrics import Metrics
@@ -200,14 +201,23 @@ def proxy_handler(app: web.Application) -> Handler:
     Each request uses the forwarder in force when it arrives, so a reload takes effect for
     the next request.
     """
-    state = app[STATE]
+    return _CurrentForwarder(app[STATE])
 
-    async def handle(request: Request) -> Reply:
-        forwarder = state.forwarder
+
+class _CurrentForwarder:
+    def __init__(self, state: ProxyState) -> None:
+        self._state = state
+
+    def _forwarder(self) -> Forwarder:
+        forwarder = self._state.forwarder
         assert forwarder is not None, "requests arrive only after start-up"
-        return await forwarder.handle(request)
+        return forwarder
 
-    return handle
+    async def handle(self, request: Request) -> Reply:
+        return await self._forwarder().handle(request)
+
+    def refuse(self, error: ProxyError, remote: str | None, method: str | None) -> Reply:
+        return self._forwarder().refuse(error, remote, method)
 
 
 def create_metrics_app(state: ProxyState) -> web.Application:

@@ -85,6 +85,8 @@ class ServerConfig:
     max_line_size: int = 8190
     max_field_size: int = 8190
     max_headers: int = 100
+    send_timeout_seconds: float = 10.0
+    max_connections: int = 1024
     workers: int = 1
 
 
@@ -316,6 +318,12 @@ def _parse_server(table: _Table) -> ServerConfig:
             "max_field_size", defaults.max_field_size, minimum=256, maximum=65536
         ),
         max_headers=table.integer("max_headers", defaults.max_headers, minimum=8, maximum=1000),
+        send_timeout_seconds=table.number(
+            "send_timeout_seconds", defaults.send_timeout_seconds, minimum=0.01, maximum=3600
+        ),
+        max_connections=table.integer(
+            "max_connections", defaults.max_connections, minimum=1, maximum=100000
+        ),
         workers=table.integer("workers", defaults.workers, minimum=1, maximum=64),
     )
     table.finish()

@@ -143,6 +143,13 @@ class TokenUnavailable(ProxyError):
     default_message = "No MobilePay access token could be obtained for this merchant."
 
 
+class TooManyConnections(ProxyError):
+    status = 503
+    code = "too_many_connections"
+    default_message = "The proxy has as many terminal connections open as it may; try again."
+    closes_connection = True
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream_timeout"

@@ -114,6 +114,20 @@ class Forwarder:
             )
         return reply
 
+    def refuse(self, error: ProxyError, remote: str | None, method: str | None) -> Reply:
+        """Record and answer a request the edge refused before it could be handled.
+
+        Counted and logged like every other answer, under route ``unmatched``; nothing of
+        the refused bytes is logged.
+        """
+        label = method_label(method or "")
+        self._metrics.errors.labels(error.code).inc()
+        self._metrics.requests.labels(label, UNMATCHED_ROUTE, error.status).inc()
+        access_log.info(
+            "%s %s %s - -> %d refused: %s", remote, label, UNMATCHED_ROUTE, error.status, error.code
+        )
+        return error_reply(error)
+
     async def _proxy(self, request: Request, outcome: _Outcome) -> Reply:
         if request.method not in ALLOWED_METHODS:
             raise MethodNotAllowed(allowed=ALLOWED_HEADER)

@@ -152,6 +152,17 @@ class Metrics:
             ["phase"],
             registry=registry,
         )
+        self.terminal_connections = Gauge(
+            "mobilepay_proxy_terminal_connections",
+            "Terminal connections open right now.",
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.connections_refused = Counter(
+            "mobilepay_proxy_connections_refused",
+            "Terminal connections refused because max_connections were open.",
+            registry=registry,
+        )
         self.merchants = Gauge(
             "mobilepay_proxy_merchants",
             "Merchant keys in the loaded routing map.",

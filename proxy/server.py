@@ -80,7 +80,7 @@ async def serve(
     drain = config.server.drain_timeout_seconds
     # The app's runner opens and closes the proxy's live parts; it listens nowhere itself.
     runner = web.AppRunner(app, handle_signals=False)
-    edge = EdgeServer(proxy_handler(app), config.server)
+    edge = EdgeServer(proxy_handler(app), config.server, state.metrics)
     metrics_runner = web.AppRunner(create_metrics_app(state), access_log=None)
     await runner.setup()
     await metrics_runner.setup()

@@ -2,7 +2,8 @@
 
 Keep-alive, pipelining, closing, request body framing, interim responses and idle
 timeouts: what any HTTP/1.1 proxy owes its clients. Where HTTP/1.1 allows more than one
-answer (closing or keeping a connection after an error, say), the tests accept each of them.
+answer (closing or keeping a connection after an error, say), the tests pin the one the
+README promises.
 """
 
 from __future__ import annotations
@@ -123,11 +124,12 @@ async def test_requests_pipelined_after_connection_close_are_not_processed(
     await connection.send(
         get("/pos/v10/payments/last", ("Connection", "close")) + get("/pos/v10/payments/after")
     )
-    # RFC 9112 9.6: answer the request that says close, then nothing more. aiohttp's parser
-    # refuses the whole batch with a 400 instead, so the first answer is left unpinned.
-    await connection.response()
+    # RFC 9112 9.6: answer the request that says close, then nothing more.
+    answer = await connection.response()
+    assert (answer.status, answer.json()["path"]) == (200, "/pos/v10/payments/last")
+    assert "close" in answer.connection_options()
     assert await connection.closes()
-    assert all("after" not in r.path_qs for r in pos_server.requests)
+    assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/last"]
 
 
 async def test_http10_request_is_answered_then_closed(
@@ -146,25 +148,22 @@ async def test_http10_request_is_answered_then_closed(
     assert len(pos_server.requests) == 1
 
 
-async def test_http10_keep_alive_is_either_kept_and_said_or_closed(
+async def test_http10_keep_alive_is_kept_and_said(
     proxy: RunningProxy, pos_server: PosServer, connect: Connect
 ) -> None:
     connection = await connect(proxy)
     request = http10(get("/pos/v10/payments/1", ("Connection", "keep-alive")))
-    await connection.send(request)
-    answer = await connection.response()
-    assert answer.status == 200
-    assert answer.all("transfer-encoding") == []
-    assert answer.json()["path"] == "/pos/v10/payments/1"
-    # Persistence is optional for HTTP/1.0, but an HTTP/1.0 client assumes the connection
-    # closes unless the response says keep-alive (RFC 9112 appendix C.2.2).
-    if "keep-alive" in answer.connection_options():
-        await connection.send(request.replace(b"/payments/1", b"/payments/2"))
-        second = await connection.response()
-        assert second.status == 200
-        assert second.json()["path"] == "/pos/v10/payments/2"
-    else:
-        assert await connection.closes()
+    for n in (1, 2):
+        await connection.send(request.replace(b"/payments/1", b"/payments/%d" % n))
+        answer = await connection.response()
+        assert answer.status == 200
+        assert answer.all("transfer-encoding") == []
+        assert answer.json()["path"] == f"/pos/v10/payments/{n}"
+        # An HTTP/1.0 client assumes the connection closes unless the response says
+        # keep-alive (RFC 9112 appendix C.2.2).
+        assert answer.connection_options() == {"keep-alive"}
+    assert not await connection.closes(wait=STAYS_OPEN)
+    assert len(pos_server.requests) == 2
 
 
 async def test_chunked_request_body_is_forwarded_whole_with_a_length(
@@ -278,14 +277,11 @@ async def test_unread_body_of_a_refused_request_is_never_taken_for_a_request(
     await connection.send(refused + get("/pos/v10/payments/next"))
     error = await connection.response()
     assert error.status == 403
-    # The proxy may drain the refused body and go on, or close; never parse the body.
-    if "close" in error.connection_options():
-        assert await connection.closes()
-    else:
-        answer = await connection.response()
-        assert answer.status == 200
-        assert answer.json()["path"] == "/pos/v10/payments/next"
-    assert all("smuggled" not in r.path_qs for r in pos_server.requests)
+    # The refused body is read and dropped: the connection goes on with the next request.
+    assert "close" not in error.connection_options()
+    answer = await connection.response()
+    assert (answer.status, answer.json()["path"]) == (200, "/pos/v10/payments/next")
+    assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/next"]
 
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
@@ -504,3 +500,76 @@ async def test_a_refusal_instead_of_100_continue_closes_the_connection(
     assert "close" in answer.connection_options()
     assert await connection.closes(wait=0.5)
     assert pos_server.requests == []
+
+
+async def test_a_good_request_before_a_malformed_one_in_one_segment_is_answered_first(
+    proxy: RunningProxy, pos_server: PosServer, connect: Connect
+) -> None:
+    connection = await connect(proxy)
+    malformed = (
+        b"GET /pos/v10/payments/2 HTTP/1.1\r\nHost: a\r\nHost: b\r\n"
+        b"X-Merchant-Id: store-001\r\n\r\n"
+    )
+    await connection.send(get("/pos/v10/payments/1") + malformed)
+    first = await connection.response()
+    assert (first.status, first.json()["path"]) == (200, "/pos/v10/payments/1")
+    second = await connection.response()
+    assert (second.status, second.json()["error"]) == (400, "malformed_request")
+    assert "close" in second.connection_options()
+    assert await connection.closes()
+    assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/1"]
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [("X-Merchant-Id", "store-002"), ("X-MobilePay-Idempotency-Key", "k-trailer")],
+    ids=["routing header", "idempotency key"],
+)
+async def test_request_trailers_are_refused_and_never_reach_the_next_request(
+    proxy: RunningProxy, pos_server: PosServer, connect: Connect, trailer: tuple[str, str]
+) -> None:
+    name, value = trailer
+    connection = await connect(proxy)
+    first = (
+        b"POST /pos/v10/payments HTTP/1.1\r\nHost: proxy\r\nX-Merchant-Id: store-001\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n" + f"{name}: {value}\r\n\r\n".encode()
+    )
+    # Without a routing header of its own (or a key), only a leaked trailer could route it.
+    second = request_bytes("POST", "/pos/v10/payments", [] if name == M[0] else [M], b"{}")
+    await connection.send(first + second)
+    answer = await connection.response()
+    assert (answer.status, answer.json()["error"]) == (400, "malformed_request")
+    assert "close" in answer.connection_options()
+    assert await connection.closes()
+    assert pos_server.requests == []
+
+
+async def test_http10_expect_100_continue_gets_no_interim_response(
+    proxy: RunningProxy, pos_server: PosServer, connect: Connect
+) -> None:
+    payload = b'{"amount": 1, "posId": "p1"}'
+    request = request_bytes("POST", "/pos/v10/payments", [M, ("Expect", "100-continue")], payload)
+    connection = await connect(proxy)
+    # RFC 9110 10.1.1: an HTTP/1.0 client cannot expect 100 Continue; ignore the expectation.
+    await connection.send(http10(request))
+    answer = await connection.response(interim=True)
+    assert answer.status == 200
+    (received,) = pos_server.requests
+    assert received.body == payload
+
+
+async def test_a_partial_second_head_sent_with_the_first_request_gets_the_header_timeout(
+    start_proxy: Callable[..., Any], pos_server: PosServer, connect: Connect
+) -> None:
+    proxy: RunningProxy = await start_proxy(
+        server={"header_timeout_seconds": 0.3, "keepalive_timeout_seconds": 30}
+    )
+    connection = await connect(proxy)
+    partial = b"GET /pos/v10/payments/2 HTTP/1.1\r\nHost: a\r\n"
+    await connection.send(get("/pos/v10/payments/1") + partial)
+    assert (await connection.response()).status == 200
+    # The keep-alive timeout (30 s) is for a connection with nothing pending; this one has
+    # a head in progress, due within the header timeout of its first byte.
+    assert await connection.closes(wait=3)
+    assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/1"]
+    assert proxy.sample("mobilepay_proxy_timeouts_total", {"phase": "request_head"}) == 1

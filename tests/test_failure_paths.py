@@ -21,11 +21,14 @@ import pytest
 import trustme
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
 from redis import asyncio as aioredis
 
 from proxy.config import ConfigError, parse_config
 from proxy.edge import EdgeServer
-from proxy.messages import Reply, Request
+from proxy.errors import ProxyError
+from proxy.messages import Reply, Request, error_reply
+from proxy.metrics import Metrics
 from tests.conftest import RunningProxy
 from tests.fakes import PosServer, TokenServer, held_until, start_tls_server
 from tests.helpers.configs import proxy_config, write_config
@@ -160,17 +163,21 @@ async def test_the_drain_timeout_aborts_what_is_still_in_flight(
 async def test_an_exception_in_the_handler_is_a_json_500_and_the_server_lives_on(
     ca_file: Path, exposure: Exposure
 ) -> None:
-    async def handler(request: Request) -> Reply:
-        if request.target == "/raise":
-            raise RuntimeError("a bug")
-        return Reply(200, headers=CIMultiDict({"Content-Type": "text/plain"}), body=b"fine")
+    class Raising:
+        async def handle(self, request: Request) -> Reply:
+            if request.target == "/raise":
+                raise RuntimeError("a bug")
+            return Reply(200, headers=CIMultiDict({"Content-Type": "text/plain"}), body=b"fine")
+
+        def refuse(self, error: ProxyError, remote: str | None, method: str | None) -> Reply:
+            return error_reply(error)
 
     server = parse_config(
         proxy_config("https://127.0.0.1:1/t", "https://127.0.0.1:1", ca_file),
         base_dir=Path("."),
         environ={},
     ).server
-    edge = EdgeServer(handler, server)
+    edge = EdgeServer(Raising(), server, Metrics(CollectorRegistry()))
     await edge.listen("127.0.0.1", 0)
     url = "http://{}:{}".format(*edge.addresses[0][:2])
     try:

@@ -162,10 +162,6 @@ def findings(package: Path = PACKAGE) -> list[Finding]:
 # second test below fails as soon as one of them is no longer found.
 PENDING = frozenset(
     {
-        "proxy.edge: from aiohttp.base_protocol import BaseProtocol: not exported",
-        "proxy.edge: from aiohttp.http_exceptions import BadHttpMethod: not exported",
-        "proxy.edge: from aiohttp.http_exceptions import LineTooLong: not exported",
-        "proxy.messages: from aiohttp.streams import EmptyStreamReader: not exported",
         "proxy.metrics: from prometheus_client import mmap_dict: not exported",
         "proxy.metrics: from prometheus_client import values: not exported",
         "proxy.metrics: prometheus_client.mmap_dict.MmapedDict: not exported",

@@ -200,6 +200,55 @@ async def test_requests_the_parser_refuses_get_json_errors(
     _nothing_sent(pos_server, token_server)
 
 
+@pytest.mark.parametrize(
+    ("raw", "method", "status", "code"),
+    [
+        (
+            b"FOO /pos/v10/payments/1 HTTP/1.1\r\nHost: a\r\n\r\n",
+            "OTHER",
+            405,
+            "method_not_allowed",
+        ),
+        (
+            b"GET /pos/v10/payments/1 HTTP/1.1\r\nHost: a\r\nHost: secret-looking-host\r\n\r\n",
+            "GET",
+            400,
+            "malformed_request",
+        ),
+        (
+            b"GET /pos/v10/payments/1 HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+            "GET",
+            431,
+            "headers_too_large",
+        ),
+        (
+            b"POST /pos/v10/payments HTTP/1.1\r\nHost: a\r\nX-Merchant-Id: store-001\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\nX-Trailer: secret-looking-trailer\r\n\r\n",
+            "POST",
+            400,
+            "malformed_request",
+        ),
+    ],
+    ids=["unknown method", "duplicate Host", "over-long header", "trailer"],
+)
+async def test_requests_the_parser_refuses_are_counted_and_logged(
+    proxy: RunningProxy, raw: bytes, method: str, status: int, code: str
+) -> None:
+    response = await send_raw(proxy.url, raw, expect_close=True)
+    assert (response.status, response.json()["error"]) == (status, code)
+    # A refused trailer fails the body of a request the pipeline has routed already.
+    route = "/pos/v10/payments" if method == "POST" else "unmatched"
+    labels = {"method": method, "route": route, "status": str(status)}
+    assert proxy.sample("mobilepay_proxy_requests_total", labels) == 1
+    assert proxy.sample("mobilepay_proxy_errors_total", {"code": code}) == 1
+    access = [line for line in proxy.exposure.logs.lines if " proxy.access " in line]
+    assert len(access) == 1
+    assert f" {method} " in access[0]
+    assert f"-> {status}" in access[0]
+    # Nothing of the refused bytes is logged.
+    assert not any("secret-looking" in line or "aaaa" in line for line in proxy.exposure.logs.lines)
+
+
 async def test_host_header_never_steers_the_request(
     proxy: RunningProxy, pos_server: PosServer
 ) -> None:
@@ -221,16 +270,24 @@ async def test_body_over_the_limit_is_413_before_anything_is_sent(
         for _ in range(20):
             yield b"y" * 100
 
-    status, _, _ = await proxy.request("POST", "/pos/v10/payments", data=chunks())
-    assert status == 413
-    # Without Content-Length and without chunking: the body runs until the connection closes.
-    raw = b"POST /pos/v10/payments HTTP/1.0\r\nX-Merchant-Id: store-001\r\n\r\n" + b"z" * 5000
-    response = await send_raw(proxy.url, raw)
-    assert response.status in (400, 413)
+    status, _, body = await proxy.request("POST", "/pos/v10/payments", data=chunks())
+    assert (status, json.loads(body)["error"]) == (413, "body_too_large")
     status, _, _ = await proxy.request("POST", "/pos/v10/payments", data=b"x" * 1000)
     assert status == 200
     assert len(pos_server.requests) == 1
     assert token_server.count() == 1
+
+
+async def test_an_unframed_http10_body_is_400_before_anything_is_sent(
+    proxy: RunningProxy, pos_server: PosServer, token_server: TokenServer
+) -> None:
+    # Neither Content-Length nor chunked: a request body can never run until the connection
+    # closes (RFC 9112 6.3), and HTTP/1.0 asks a POST for a Content-Length (RFC 1945 8.3).
+    raw = b"POST /pos/v10/payments HTTP/1.0\r\nX-Merchant-Id: store-001\r\n\r\n" + b"z" * 5000
+    response = await send_raw(proxy.url, raw, expect_close=True)
+    assert (response.status, response.json()["error"]) == (400, "malformed_request")
+    assert response.closed
+    _nothing_sent(pos_server, token_server)
 
 
 async def test_trickling_body_hits_the_deadline_and_others_are_unaffected(
@@ -257,6 +314,7 @@ async def test_trickling_body_hits_the_deadline_and_others_are_unaffected(
     assert loop.time() - started < 2
     writer.close()
     assert all(r.method == "GET" for r in pos_server.requests)
+    assert proxy.sample("mobilepay_proxy_timeouts_total", {"phase": "request_body"}) == 1
 
 
 async def test_source_networks_restrict_a_merchant(
@@ -307,6 +365,7 @@ async def test_slowloris_headers_are_cut_off_and_others_are_unaffected(
     writer.close()
     assert closed_at is not None, "a trickling client kept its connection"
     assert 0.4 < closed_at - started < 2.0
+    assert proxy.sample("mobilepay_proxy_timeouts_total", {"phase": "request_head"}) == 1
     assert all(
         r.headers["X-MobilePay-Merchant-VAT-Number"] == "DK10000002" for r in pos_server.requests
     )
