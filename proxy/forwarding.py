@@ -12,13 +12,16 @@ from proxy.config import Config, Merchant
 from proxy.errors import MethodNotAllowed, ProxyError, UnsupportedUpgrade
 from proxy.headers import request_strip_set, response_headers, upstream_request_headers
 from proxy.http1 import Response as UpstreamResponse
+from proxy.logs import AccessEntry, AccessLog
 from proxy.messages import Reply, Request, error_reply
 from proxy.metrics import Metrics, method_label
+from proxy.request_ids import REQUEST_ID_HEADER, mobilepay_correlation_id, request_id
 from proxy.routing import (
     ALLOWED_HEADER,
     ALLOWED_METHODS,
     POS_V10_ROUTES,
-    UNMATCHED_ROUTE,
+    UNMATCHED,
+    Route,
     RouteTable,
     check_prefix,
     check_source,
@@ -30,7 +33,6 @@ from proxy.tokens.token import Token
 from proxy.upstream import RetryableFailure, UpstreamClient
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("proxy.access")
 
 IDEMPOTENCY_HEADER = "X-MobilePay-Idempotency-Key"
 TARGET_CACHE_SIZE = 4096
@@ -40,10 +42,12 @@ TARGET_CACHE_SIZE = 4096
 class _Outcome:
     """What the access log says about a request."""
 
-    route: str = UNMATCHED_ROUTE
-    merchant: str = "-"
-    token: str = "-"
+    request_id: str
+    route: Route = UNMATCHED
+    merchant: str | None = None
+    token: str | None = None
     attempts: int = 0
+    mobilepay_correlation_id: str | None = None
 
 
 class Forwarder:
@@ -64,45 +68,54 @@ class Forwarder:
         self._strip = request_strip_set(config.routing.header)
         self._base = str(config.mobilepay.api_base_url).rstrip("/")
         self._ibm_client_id = config.mobilepay.ibm_client_id
-        self._targets: dict[str, tuple[URL, str]] = {}
+        self._targets: dict[str, tuple[URL, Route]] = {}
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
+        self._access = AccessLog(metrics.log_lines_dropped.inc)
 
     async def handle(self, request: Request) -> Reply:
         started = time.perf_counter()
-        outcome = _Outcome()
+        outcome = _Outcome(request_id(request.headers))
         self._metrics.in_flight.inc()
         try:
             reply = await self._proxy(request, outcome)
         except ProxyError as exc:
             self._metrics.errors.labels(exc.code).inc()
-            reply = error_reply(exc)
+            reply = error_reply(exc, outcome.request_id)
         finally:
             self._metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
         method = method_label(request.method)
-        self._metrics.observe_request(method, outcome.route, reply.status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s %s %s -> %d in %.1f ms merchant=%s token=%s attempts=%d",
-                request.remote,
-                method,
-                outcome.route,
-                request.target.partition("?")[0] if outcome.route != UNMATCHED_ROUTE else "-",
-                reply.status,
-                elapsed * 1000,
-                outcome.merchant,
-                outcome.token,
-                outcome.attempts,
+        route = outcome.route.template
+        self._metrics.observe_request(method, route, reply.status, elapsed)
+        if self._access.enabled():
+            self._access.write(
+                AccessEntry(
+                    time.time(),
+                    request.remote,
+                    method,
+                    route,
+                    request.target.partition("?")[0] if outcome.route is not UNMATCHED else None,
+                    reply.status,
+                    elapsed * 1000,
+                    outcome.merchant,
+                    outcome.token,
+                    outcome.attempts,
+                    outcome.request_id,
+                    outcome.mobilepay_correlation_id,
+                )
             )
         return reply
 
     async def _proxy(self, request: Request, outcome: _Outcome) -> Reply:
-        if request.method not in ALLOWED_METHODS:
+        if request.method not in ALLOWED_METHODS and not request.target.startswith("/"):
+            # CONNECT's authority-form, OPTIONS' asterisk-form: it is the method that is wrong.
             raise MethodNotAllowed(allowed=ALLOWED_HEADER)
+        url, outcome.route = self._resolve_target(request.target)
+        if request.method not in outcome.route.methods:
+            raise MethodNotAllowed(allowed=outcome.route.allow)
         if "Upgrade" in request.headers:
             raise UnsupportedUpgrade()
-        url, outcome.route = self._resolve_target(request.target)
         merchant = resolve_merchant(
             request.headers, self._config.routing.header, self._config.routing.merchants
         )
@@ -115,9 +128,13 @@ class Forwarder:
         upstream = await self._attempt(request, outcome, merchant, token, url, body)
         if upstream.status == 401:
             upstream = await self._replay_after_401(request, outcome, merchant, token, url, body)
-        return Reply(
-            upstream.status, upstream.reason, response_headers(upstream.headers), upstream.body
-        )
+        if upstream.status >= 400:
+            outcome.mobilepay_correlation_id = mobilepay_correlation_id(
+                upstream.status, upstream.headers, upstream.body
+            )
+        headers = response_headers(upstream.headers)
+        headers[REQUEST_ID_HEADER] = outcome.request_id
+        return Reply(upstream.status, upstream.reason, headers, upstream.body)
 
     async def _replay_after_401(
         self,
@@ -163,6 +180,7 @@ class Forwarder:
             vat=merchant.vat,
             peer=request.remote,
         )
+        headers[REQUEST_ID_HEADER] = outcome.request_id
         method = request.method
         for attempt in (1, 2):
             outcome.attempts += 1
@@ -175,12 +193,12 @@ class Forwarder:
                 self._metrics.upstream_retries.labels(method).inc()
             finally:
                 self._metrics.observe_upstream(
-                    method_label(method), outcome.route, time.perf_counter() - started
+                    method_label(method), outcome.route.template, time.perf_counter() - started
                 )
         raise AssertionError("unreachable")
 
-    def _resolve_target(self, raw_target: str) -> tuple[URL, str]:
-        """The upstream URL and route template for an allowed target; raises for the rest.
+    def _resolve_target(self, raw_target: str) -> tuple[URL, Route]:
+        """The upstream URL and route for an allowed target; raises for the rest.
 
         Terminals poll the same few targets over and over, so accepted ones are remembered
         (the cache is bounded by starting afresh when full).
