@@ -30,12 +30,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 from pythonjsonlogger.json import JsonFormatter
 
-LogFormat = Literal["text", "json"]
-LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+from proxy.config import LogFormat
+
 ACCESS_LOGGER = "proxy.access"
 TEXT_FORMAT = "%(asctime)s %(levelname)s {where}%(name)s: %(message)s"
 ACCESS_MESSAGE = (
@@ -292,6 +291,13 @@ class LogWriter(logging.Handler):
                 view = view[os.write(self._fd, view) :]
         except OSError:
             pass  # nowhere left to report it; the lines are lost
+
+
+def flush_soon() -> None:
+    """Have the process's :class:`LogWriter` write what it holds now, without waiting for it."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogWriter):
+            handler.request_flush()
 
 
 def configure_logging(
