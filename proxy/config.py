@@ -279,8 +279,9 @@ def parse_config(
 
 def _parse_logging(table: _Table, environ: Mapping[str, str]) -> LoggingConfig:
     """``[logging] format``; the environment wins over the file, as for credentials."""
-    value = environ.get(ENV_LOG_FORMAT) or table.string("format", "text")
+    in_file = table.string("format", "text")
     table.finish()
+    value = environ.get(ENV_LOG_FORMAT) or in_file
     where = ENV_LOG_FORMAT if environ.get(ENV_LOG_FORMAT) else "[logging] format"
     return LoggingConfig(format=log_format(value, where))
 

@@ -1,0 +1,246 @@
+"""Log output as operators meet it: JSON or text lines, every access line kept, no secret.
+
+The proxy runs as a real process (``python -m proxy``); its whole stderr goes through the
+secrets guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import Exposure
+from tests.fakes import PosServer
+from tests.test_cli import ROOT, _free_port, _wait_until_up, _write_config
+from tests.test_workers import _eventually
+
+ACCESS_FIELDS = {
+    "peer",
+    "method",
+    "route",
+    "path",
+    "status",
+    "duration_ms",
+    "merchant",
+    "token_fingerprint",
+    "attempts",
+    "request_id",
+    "mobilepay_correlation_id",
+}
+MERCHANT = {"X-Merchant-Id": "store-001"}
+
+
+@dataclass
+class Spawned:
+    process: asyncio.subprocess.Process
+    url: str
+    metrics_url: str
+
+    async def stop(self) -> list[str]:
+        """SIGTERM, wait for a clean exit, and return every line it wrote to stderr."""
+        self.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(self.process.wait(), 15) == 0
+        assert self.process.stderr is not None
+        return (await self.process.stderr.read()).decode().splitlines()
+
+
+@contextlib.asynccontextmanager
+async def spawned(
+    tmp_path: Path,
+    ca_file: Path,
+    pos_server: PosServer,
+    *args: str,
+    extra: str = "",
+    extra_server: str = "",
+    env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Spawned]:
+    port, metrics_port = _free_port(), _free_port()
+    config = _write_config(
+        tmp_path / "proxy.toml",
+        api=pos_server.url,  # type: ignore[attr-defined]
+        token=pos_server.tokens.url,  # type: ignore[attr-defined]
+        ca_file=ca_file,
+        port=port,
+        metrics_port=metrics_port,
+        extra=extra,
+        extra_server=extra_server,
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MOBILEPAY_PROXY_")}
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "proxy", "--config", str(config), "--log-level", "INFO", *args),
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+        env={**environ, **(env or {})},
+    )
+    try:
+        await _wait_until_up(f"http://127.0.0.1:{metrics_port}/readyz")
+        yield Spawned(process, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _get(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, str]:
+    async with session.get(url, **kwargs) as response:
+        await response.read()
+        return response.status, response.headers["X-Request-Id"]
+
+
+def _json_lines(lines: list[str], exposure: Exposure) -> list[dict[str, Any]]:
+    exposure.texts.extend(lines)
+    parsed = []
+    for line in lines:
+        record = json.loads(line)  # every line is one JSON object
+        assert isinstance(record, dict), line
+        assert {"timestamp", "level", "logger", "message"} <= record.keys(), line
+        parsed.append(record)
+    return parsed
+
+
+async def test_json_logs_are_one_object_a_line_with_access_fields_and_no_secret(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, exposure: Exposure
+) -> None:
+    async def conflict(request: web.Request, body: bytes) -> web.StreamResponse:
+        return web.json_response(
+            {"code": "1301", "message": "busy", "correlationId": "mp-corr-1"}, status=409
+        )
+
+    async with spawned(tmp_path, ca_file, pos_server, "--log-format", "json") as proxy:
+        async with aiohttp.ClientSession() as session:
+            ok = await _get(
+                session,
+                f"{proxy.url}/pos/v10/payments/p1",
+                headers={**MERCHANT, "X-Request-Id": "till-1"},
+            )
+            refused = await _get(
+                session, f"{proxy.url}/pos/v10/payments/p1", headers={"X-Merchant-Id": "nope"}
+            )
+            pos_server.handler = conflict
+            relayed = await _get(session, f"{proxy.url}/pos/v10/payments/p2", headers=MERCHANT)
+            async with session.get(f"{proxy.metrics_url}/metrics") as response:
+                exposure.texts.append(await response.text())
+        lines = await proxy.stop()
+    assert (ok, refused[0], relayed[0]) == ((200, "till-1"), 403, 409)
+    records = _json_lines(lines, exposure)
+    access = {r["request_id"]: r for r in records if r["logger"] == "proxy.access"}
+    assert set(access) == {"till-1", refused[1], relayed[1]}
+    first = access["till-1"]
+    assert first.keys() >= ACCESS_FIELDS
+    assert first["level"] == "INFO"
+    assert (first["method"], first["route"], first["path"]) == (
+        "GET",
+        "/pos/v10/payments/{paymentid}",
+        "/pos/v10/payments/p1",
+    )
+    assert (first["status"], first["merchant"], first["attempts"]) == (200, "store-001", 1)
+    assert isinstance(first["duration_ms"], float)
+    assert len(first["token_fingerprint"]) == 12
+    assert first["peer"] == "127.0.0.1"
+    assert first["mobilepay_correlation_id"] is None
+    assert (access[refused[1]]["status"], access[refused[1]]["merchant"]) == (403, None)
+    assert access[relayed[1]]["mobilepay_correlation_id"] == "mp-corr-1"
+    assert any(r["message"].startswith("serving terminals on") for r in records)
+
+
+@pytest.mark.slow
+async def test_workers_log_json_too(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, exposure: Exposure
+) -> None:
+    async with spawned(
+        tmp_path, ca_file, pos_server, "--log-format", "json", extra_server="workers = 2"
+    ) as proxy:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(20):
+                assert (await _get(session, f"{proxy.url}/pos/v10/stores/s", headers=MERCHANT))[
+                    0
+                ] == 200
+        lines = await proxy.stop()
+    records = _json_lines(lines, exposure)
+    assert {r["worker"] for r in records if r["logger"] == "proxy.access"} <= {0, 1}
+    assert len([r for r in records if r["logger"] == "proxy.access"]) == 20
+    assert any(r.get("supervisor") is True for r in records)
+    assert {r["worker"] for r in records if "worker" in r} == {0, 1}
+
+
+async def test_the_flag_beats_the_environment_which_beats_the_file(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, exposure: Exposure
+) -> None:
+    file_says_json = '[logging]\nformat = "json"'
+    async with spawned(
+        tmp_path,
+        ca_file,
+        pos_server,
+        extra=file_says_json,
+        env={"MOBILEPAY_PROXY_LOG_FORMAT": "text"},
+    ) as proxy:
+        lines = await proxy.stop()
+    exposure.texts.extend(lines)
+    assert lines
+    assert not any(line.startswith("{") for line in lines)
+    async with spawned(
+        tmp_path,
+        ca_file,
+        pos_server,
+        "--log-format",
+        "json",
+        env={"MOBILEPAY_PROXY_LOG_FORMAT": "text"},
+    ) as proxy:
+        lines = await proxy.stop()
+    assert _json_lines(lines, exposure)
+
+
+async def test_every_answered_request_has_its_access_line_after_sigterm(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, exposure: Exposure
+) -> None:
+    async def slowish(request: web.Request, body: bytes) -> web.StreamResponse:
+        await asyncio.sleep(0.2)
+        return web.json_response({"ok": True})
+
+    pos_server.handler = slowish
+    answered: list[str] = []
+    async with spawned(tmp_path, ca_file, pos_server) as proxy:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def call(n: int) -> None:
+                status, request_id = await _get(
+                    session,
+                    f"{proxy.url}/pos/v10/payments/p{n}",
+                    headers={**MERCHANT, "X-Request-Id": f"req-{n}"},
+                )
+                assert (status, request_id) == (200, f"req-{n}")
+                answered.append(request_id)
+
+            # Answered well before the signal: their lines sit in the buffer.
+            await asyncio.gather(*(call(n) for n in range(150)))
+            # In flight when the signal comes: answered during the drain.
+            late = [asyncio.create_task(call(n)) for n in range(150, 250)]
+
+            async def all_upstream() -> bool:
+                return len(pos_server.requests) == 250
+
+            await _eventually(all_upstream, "250 requests at the upstream")
+            proxy.process.send_signal(signal.SIGTERM)
+            await asyncio.gather(*late)
+        assert await asyncio.wait_for(proxy.process.wait(), 15) == 0
+        assert proxy.process.stderr is not None
+        lines = (await proxy.process.stderr.read()).decode().splitlines()
+    exposure.texts.extend(lines)
+    logged = [
+        line.split("request_id=")[1].split()[0] for line in lines if " proxy.access: " in line
+    ]
+    assert sorted(logged) == sorted(answered)
+    assert len(answered) == 250
