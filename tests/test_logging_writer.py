@@ -8,7 +8,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from pythonjsonlogger.json import JsonFormatter
@@ -93,10 +93,11 @@ def test_access_lines_come_in_order_after_the_lines_before_them(pipe: tuple[int,
 def test_lines_of_writers_sharing_a_pipe_never_mix(pipe: tuple[int, int]) -> None:
     """Workers share the supervisor's stderr: each write is whole lines, at most PIPE_BUF."""
     read, write = pipe
-    writers = [
-        LogWriter(write, TEXT, lambda item, w=w: f"{w} {item.message()} {'x' * 200}")
-        for w in ("A", "B", "C")
-    ]
+
+    def tagged(tag: str) -> Callable[[AccessEntry], str]:
+        return lambda item: f"{tag} {item.message()} {'x' * 200}"
+
+    writers = [LogWriter(write, TEXT, tagged(w)) for w in ("A", "B", "C")]
     received: list[bytes] = []
     total = 3 * 2000
 

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from tests.conftest import RunningProxy
 from tests.fakes import PosServer
@@ -18,6 +19,11 @@ MOBILEPAY_CORRELATION_ID = "113568d5-68fc-4434-ad80-6e67402a3f93"
 
 def access_lines(proxy: RunningProxy) -> list[str]:
     return [line for line in proxy.exposure.logs.lines if " proxy.access " in line]
+
+
+def ids(headers: object) -> list[str]:
+    assert isinstance(headers, CIMultiDictProxy)
+    return list(headers.getall("X-Request-Id", ()))
 
 
 def assert_new_uuid4(value: str) -> None:
@@ -34,7 +40,7 @@ async def test_a_terminal_request_id_is_kept_end_to_end(
         "GET", "/pos/v10/payments/p1", headers={"X-Request-Id": request_id}
     )
     assert status == 200
-    assert headers.getall("X-Request-Id") == [request_id]  # type: ignore[attr-defined]
+    assert ids(headers) == [request_id]
     (received,) = pos_server.requests
     assert received.headers.getall("X-Request-Id") == [request_id]
     (line,) = access_lines(proxy)
@@ -67,11 +73,11 @@ async def test_a_missing_or_malformed_request_id_is_replaced_by_a_uuid4(
 
 
 async def test_every_request_gets_its_own_id(proxy: RunningProxy) -> None:
-    ids = set()
+    seen: set[str] = set()
     for _ in range(3):
         _, headers, _ = await proxy.request("GET", "/pos/v10/payments/p1")
-        ids.add(headers["X-Request-Id"])
-    assert len(ids) == 3
+        seen.update(ids(headers))
+    assert len(seen) == 3
 
 
 async def test_a_proxy_error_carries_the_request_id(proxy: RunningProxy) -> None:
@@ -79,7 +85,7 @@ async def test_a_proxy_error_carries_the_request_id(proxy: RunningProxy) -> None
         "GET", "/pos/v10/payments/p1", merchant="store-999", headers={"X-Request-Id": "till-9"}
     )
     assert status == 403
-    assert headers["X-Request-Id"] == "till-9"
+    assert ids(headers) == ["till-9"]
     assert json.loads(body)["correlationId"] == "till-9"
     (line,) = access_lines(proxy)
     assert "request_id=till-9" in line
@@ -105,7 +111,7 @@ async def test_mobilepay_correlation_id_of_an_error_goes_to_the_access_line(
     )
     assert status == 409
     assert json.loads(body)["correlationId"] == MOBILEPAY_CORRELATION_ID  # relayed unchanged
-    assert headers.getall("X-Request-Id") == ["till-1"]  # type: ignore[attr-defined]
+    assert ids(headers) == ["till-1"]
     (line,) = access_lines(proxy)
     assert "request_id=till-1" in line
     assert f"mobilepay_correlation_id={MOBILEPAY_CORRELATION_ID}" in line
