@@ -15,7 +15,7 @@ from proxy.http1 import Response as UpstreamResponse
 from proxy.logs import AccessEntry, AccessLog
 from proxy.messages import Reply, Request, error_reply
 from proxy.metrics import Metrics, method_label
-from proxy.request_ids import REQUEST_ID_HEADER, mobilepay_correlation_id, request_id
+from proxy.request_ids import REQUEST_ID_HEADER, RequestIds, mobilepay_correlation_id
 from proxy.routing import (
     ALLOWED_HEADER,
     ALLOWED_METHODS,
@@ -72,10 +72,11 @@ class Forwarder:
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
         self._access = AccessLog(metrics.log_lines_dropped.inc)
+        self._request_ids = RequestIds()
 
     async def handle(self, request: Request) -> Reply:
         started = time.perf_counter()
-        outcome = _Outcome(request_id(request.headers))
+        outcome = _Outcome(self._request_ids.of(request.headers))
         self._metrics.in_flight.inc()
         try:
             reply = await self._proxy(request, outcome)

@@ -9,6 +9,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
+from proxy.request_ids import RequestIds
 from tests.conftest import RunningProxy
 from tests.fakes import PosServer
 from tests.rawhttp import request_bytes, send_raw
@@ -140,3 +141,12 @@ async def test_only_a_small_json_error_body_is_read_for_a_correlation_id(
     assert (status, relayed) == (500, body)
     (line,) = access_lines(proxy)
     assert "mobilepay_correlation_id=-" in line
+
+
+def test_new_ids_are_distinct_uuid4s() -> None:
+    ids = RequestIds()
+    made = [ids.new() for _ in range(2000)]  # more than one read of random bytes
+    assert len(set(made)) == 2000
+    for value in made:
+        assert uuid.UUID(value).variant == uuid.RFC_4122
+        assert_new_uuid4(value)
