@@ -169,6 +169,7 @@ class Config:
             f"merchants:        {len(merchants)} keys, "
             f"{len(set(m.vat for m in merchants.values()))} VATs, "
             f"{restricted} restricted to source networks",
+            f"log format:       {self.logging.format}",
         ]
         return "\n".join(lines)
 

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy.config import ConfigError, parse_config
 from tests.conftest import Exposure
 from tests.fakes import PosServer
 from tests.test_cli import ROOT, _free_port, _wait_until_up, _write_config
@@ -244,3 +245,24 @@ async def test_every_answered_request_has_its_access_line_after_sigterm(
     ]
     assert sorted(logged) == sorted(answered)
     assert len(answered) == 250
+
+
+def test_logging_settings_are_checked() -> None:
+    def parsed(logging: dict[str, Any], environ: dict[str, str] | None = None) -> str:
+        data: dict[str, Any] = {
+            "mobilepay": {"client_id": "a", "client_secret": "b", "ibm_client_id": "c"},
+            "routing": {"merchants": {"s1": "DK12345678"}},
+            "logging": logging,
+        }
+        config = parse_config(data, base_dir=Path("."), environ=environ or {})
+        return config.logging.format
+
+    assert parsed({}) == "text"
+    assert parsed({"format": "json"}) == "json"
+    assert parsed({"format": "json"}, {"MOBILEPAY_PROXY_LOG_FORMAT": "text"}) == "text"
+    with pytest.raises(ConfigError, match=r"\[logging\] format must be one of text, json"):
+        parsed({"format": "yaml"})
+    with pytest.raises(ConfigError, match="MOBILEPAY_PROXY_LOG_FORMAT must be one of"):
+        parsed({}, {"MOBILEPAY_PROXY_LOG_FORMAT": "JSON"})
+    with pytest.raises(ConfigError, match="unknown key 'level'"):
+        parsed({"level": "INFO"})
