@@ -113,8 +113,13 @@ async def _token(running: RunningSandbox) -> str:
         return token
 
 
-async def schemathesis(url: str, *headers: str, ca_file: Path | None = None) -> tuple[int, str]:
-    """Run ``st run`` on the vendored pos.yaml against ``url``; its exit code and output."""
+async def schemathesis(
+    url: str, *headers: str, directory: Path, ca_file: Path | None = None
+) -> tuple[int, str]:
+    """Run ``st run`` on the vendored pos.yaml against ``url``; its exit code and output.
+
+    It runs in ``directory``, where it keeps its cache.
+    """
     argv = [
         str(Path(sys.executable).with_name("st")),
         "run",
@@ -143,7 +148,7 @@ async def schemathesis(url: str, *headers: str, ca_file: Path | None = None) -> 
         argv += ["--header", header]
     process = await asyncio.create_subprocess_exec(
         *argv,
-        cwd=ROOT,
+        cwd=directory,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.spec_checks", "PYTHONPATH": str(ROOT)},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -169,6 +174,7 @@ async def test_the_simulator_answers_as_pos_yaml_says(tmp_path: Path) -> None:
             f"x-ibm-client-id: {IBM_CLIENT_ID}",
             f"X-MobilePay-Merchant-VAT-Number: {VAT}",
             SYSTEM_VERSION,
+            directory=tmp_path,
             ca_file=running.tls.ca_cert,
         )
     assert code == 0, output
@@ -178,6 +184,8 @@ async def test_the_simulator_answers_as_pos_yaml_says(tmp_path: Path) -> None:
 async def test_the_proxy_answers_as_pos_yaml_says(tmp_path: Path, exposure: Exposure) -> None:
     exposure.tokens.update({CLIENT_SECRET, IBM_CLIENT_ID})
     async with simulator(tmp_path / "tls") as running, proxy_in_front_of(running) as url:
-        code, output = await schemathesis(url, "X-Merchant-Id: shop-1", SYSTEM_VERSION)
+        code, output = await schemathesis(
+            url, "X-Merchant-Id: shop-1", SYSTEM_VERSION, directory=tmp_path
+        )
     exposure.texts.append(output)
     assert code == 0, output
