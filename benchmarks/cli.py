@@ -113,6 +113,9 @@ def _measure(
             mean_delay_ms=1000 * settings.rate_workers / settings.rate,
         )
         saturation = scenarios.saturation(stack, settings, saturation_script, progress)
+        access_log = scenarios.access_log(
+            stack, settings, saturation_script, directory / "access-log", progress
+        )
         fixed_rate = scenarios.fixed_rate(stack, settings, poisson_script, progress)
         memory = scenarios.memory(stack, settings, fresh_rss, progress)
         drift = (
@@ -130,6 +133,7 @@ def _measure(
             memory=memory,
             drift=drift,
             cold_start=cold_start,
+            access_log=access_log,
         )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.scenarios import (
+    AccessLogResult,
     ColdStartResult,
     DriftResult,
     FixedRate,
@@ -36,6 +37,7 @@ MIN_THROUGHPUT_VS_NGINX = 0.25
 MAX_P99_AT_RATE_MS = 3.0
 MAX_RSS_MB = 80.0
 MAX_DRIFT_PERCENT = 10.0
+MIN_INFO_VS_WARNING = 0.90  # throughput with the access log on, against off
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,7 @@ class Results:
     memory: list[MemoryResult]
     drift: DriftResult | None
     cold_start: ColdStartResult
+    access_log: AccessLogResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,30 @@ def rows(results: Results) -> list[Row]:
             )
         )
 
+    access = results.access_log
+    info, warning = access.median_rps("INFO"), access.median_rps("WARNING")
+    table += [
+        Row(
+            "throughput with the access log: at INFO / at WARNING, req/s",
+            proxy=f"{info:,.0f} / {warning:,.0f} ({_ratio(info, warning)})",
+            target=Target(
+                "access log cost",
+                _ratio(info, warning),
+                f">= {MIN_INFO_VS_WARNING:.2f}x",
+                info >= MIN_INFO_VS_WARNING * warning,
+            ),
+        ),
+        Row(
+            "CPU per request with the access log: at INFO / at WARNING, µs",
+            proxy=f"{access.median_cpu_us('INFO'):.0f} / {access.median_cpu_us('WARNING'):.0f}",
+        ),
+        Row(
+            "access lines written at INFO / requests wrk counted (dropped)",
+            proxy=f"{access.access_lines:,} / {access.requests_at_info:,} "
+            f"({access.lines_dropped:.0f})",
+        ),
+    ]
+
     cold = results.cold_start
     answered_200 = cold.statuses.get("200", 0)
     table += [
@@ -440,6 +467,7 @@ def write_json(path: Path, results: Results, table: Sequence[Row]) -> None:
         "memory": [dataclasses.asdict(result) for result in results.memory],
         "drift": dataclasses.asdict(results.drift) if results.drift else None,
         "cold_start": dataclasses.asdict(results.cold_start),
+        "access_log": dataclasses.asdict(results.access_log),
     }
     path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
@@ -617,6 +645,16 @@ def write_markdown(path: Path, results: Results, table: Sequence[Row], chart: Pa
                     "together).",
                 ),
                 drift,
+                _bullet(
+                    "Access log",
+                    "a second mobilepay-proxy, configured the same but at `--log-level INFO` "
+                    "(an access line per request, its stderr to a file), and the one above at "
+                    f"WARNING, each through the same wrk run as for throughput, {settings.rounds} "
+                    "round(s) alternating, the first one rotating; medians. The access lines "
+                    "the INFO proxy wrote during its runs are counted in its log and compared "
+                    "with the requests wrk counted (a few more lines than requests: those "
+                    "answered as wrk stopped).",
+                ),
                 _bullet(
                     "Cold start",
                     f"a freshly started mobilepay-proxy with {settings.cold_merchants} "

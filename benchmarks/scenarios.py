@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import resource
+import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -462,9 +463,93 @@ def cold_start(
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class AccessLogRun:
+    log_level: str
+    round: int
+    rps: float
+    requests: int
+    cpu_percent: float
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogResult:
+    """The same proxy at INFO (an access line per request) and at WARNING, alternated."""
+
+    runs: list[AccessLogRun]
+    access_lines: int  # written by the INFO proxy during its runs, counted in its log
+    requests_at_info: int  # answered by it during those runs, as wrk counted them
+    lines_dropped: float  # mobilepay_proxy_log_lines_dropped_total of the INFO proxy
+
+    def median_rps(self, log_level: str) -> float:
+        return statistics.median(run.rps for run in self.runs if run.log_level == log_level)
+
+    def median_cpu_us(self, log_level: str) -> float:
+        """The proxy's CPU time per request, steadier than throughput on a busy machine."""
+        return statistics.median(
+            1e4 * run.cpu_percent / run.rps for run in self.runs if run.log_level == log_level
+        )
+
+
+def access_log(
+    stack: Stack, settings: Settings, script: Path, directory: Path, progress: Progress
+) -> AccessLogResult:
+    """wrk against the benchmark's proxy (WARNING) and a second one at INFO, in turns."""
+    info = start_mobilepay_proxy(
+        directory,
+        upstream_port=stack.upstream_port,
+        ca_file=stack.tls.ca_cert,
+        merchant_rows=merchants("store", settings.merchants),
+        cpus=stack.layout.proxy,
+        log_level="INFO",
+    )
+    services = {"WARNING": stack.proxies["proxy"], "INFO": info.service}
+    urls = {"WARNING": stack.url("proxy"), "INFO": f"http://127.0.0.1:{info.port}{PAYMENT_PATH}"}
+    try:
+        load.run_wrk(urls["INFO"], script, seconds=settings.warm_up_seconds, cpus=stack.layout.load)
+        time.sleep(1.5)  # the warm-up's access lines are written within a second
+        lines_before = _access_lines(info.service.log)
+        runs = []
+        requests_at_info = 0
+        for round_number in range(settings.rounds):
+            for level in rotated(["INFO", "WARNING"], round_number):
+                service = services[level]
+                before, started = service.cpu_seconds(), time.monotonic()
+                result = load.run_wrk(
+                    urls[level],
+                    script,
+                    seconds=settings.seconds,
+                    threads=settings.saturation_threads,
+                    connections=settings.saturation_connections,
+                    cpus=stack.layout.load,
+                )
+                cpu = 100 * (service.cpu_seconds() - before) / (time.monotonic() - started)
+                if level == "INFO":
+                    requests_at_info += result.requests
+                run = AccessLogRun(level, round_number + 1, result.rps, result.requests, cpu)
+                runs.append(run)
+                progress(
+                    f"access log round {run.round}/{settings.rounds} at {level:>7}: "
+                    f"{run.rps:8,.0f} req/s (proxy CPU {cpu:.0f}%)"
+                )
+        time.sleep(1.5)  # access lines are written within a second
+        lines = _access_lines(info.service.log) - lines_before
+        dropped = _metric_sum(
+            fetch(info.metrics_url).decode(), "mobilepay_proxy_log_lines_dropped_total", ""
+        )
+    finally:
+        info.service.stop()
+    return AccessLogResult(runs, lines, requests_at_info, dropped)
+
+
+def _access_lines(log: Path) -> int:
+    with log.open("rb") as file:
+        return sum(1 for line in file if b" proxy.access: " in line)
+
+
 def _metric_sum(text: str, name: str, label: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith(name + "{") and label in line
+        if (line.startswith(name + "{") or line.startswith(name + " ")) and label in line
     )

@@ -246,8 +246,12 @@ def start_mobilepay_proxy(
     ca_file: Path,
     merchant_rows: Sequence[tuple[str, str]],
     cpus: Sequence[int],
+    log_level: str = "WARNING",
 ) -> MobilePayProxy:
-    """Start ``mobilepay-proxy`` and wait for /healthz; no request goes through it yet."""
+    """Start ``mobilepay-proxy`` and wait for /healthz; no request goes through it yet.
+
+    At the default WARNING it writes no access lines, as nginx with ``access_log off``.
+    """
     port, metrics_port = free_port(), free_port()
     config = mobilepay_proxy_conf(
         directory,
@@ -257,8 +261,7 @@ def start_mobilepay_proxy(
         ca_file=ca_file,
         merchant_rows=merchant_rows,
     )
-    # Access lines are INFO: WARNING keeps them out, as nginx's access_log off does.
-    argv = [*_proxy_command(), "--config", str(config), "--log-level", "WARNING"]
+    argv = [*_proxy_command(), "--config", str(config), "--log-level", log_level]
     service = start("mobilepay-proxy", argv, log=directory / "proxy.log", cpus=cpus)
     try:
         wait_until_ok(service, f"http://127.0.0.1:{metrics_port}/healthz")

@@ -139,7 +139,7 @@ def _shared_store(config: Config, metrics: Metrics) -> RedisTokenStore | None:
 
 
 # Settings bound to the listening sockets or the upstream session; a reload cannot change them.
-_RESTART_ONLY = ("server", "upstream", "mobilepay.ca_file", "tokens.store")
+_RESTART_ONLY = ("server", "upstream", "mobilepay.ca_file", "tokens.store", "logging")
 
 
 def apply_config(state: ProxyState, new: Config) -> list[str]:
@@ -160,6 +160,7 @@ def apply_config(state: ProxyState, new: Config) -> list[str]:
         upstream=old.upstream,
         mobilepay=replace(new.mobilepay, ca_file=old.mobilepay.ca_file),
         tokens=replace(new.tokens, store=old.tokens.store),
+        logging=old.logging,
     )
     if (new.mobilepay, new.tokens) != (old.mobilepay, old.tokens):
         fetcher = TokenFetcher(session, new.mobilepay, new.tokens.timeout_seconds)

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from proxy import __version__
-from proxy.config import ConfigError, load_config
+from proxy.config import LOG_FORMATS, ConfigError, LogFormat, load_config
+from proxy.logs import configure_logging
 
 EXIT_CONFIG = 2
 # "worker" is started by the proxy itself when [server] workers > 1 (see proxy.workers).
 SUBCOMMANDS = ("run", "check-config", "sandbox", "demo", "worker")
-LOG_FORMAT = "%(asctime)s %(levelname)s {where}%(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text or json lines (default: MOBILEPAY_PROXY_LOG_FORMAT, else [logging] format, "
+        "else text)",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     if command == "worker":
         parser.add_argument("--worker-index", type=int, required=True, help=argparse.SUPPRESS)
@@ -65,14 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"{options.config}: OK\n{config.summary()}\n")
         return 0
 
-    if command == "worker":
-        where = f"[worker {options.worker_index} pid %(process)d] "
-    elif config.server.workers > 1:
-        where = "[supervisor] "
-    else:
-        where = ""
-    logging.basicConfig(
-        level=options.log_level, format=LOG_FORMAT.format(where=where), stream=sys.stderr
+    # The flag wins over the environment, which wins over the file (see load_config).
+    chosen: LogFormat = options.log_format or config.logging.format
+    writer = configure_logging(
+        options.log_level,
+        chosen,
+        worker=options.worker_index if command == "worker" else None,
+        supervisor=command == "run" and config.server.workers > 1,
     )
     from proxy.server import WorkerSockets, serve
 
@@ -85,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         elif config.server.workers > 1:
             from proxy.workers import supervise
 
-            return supervise(config, log_level=options.log_level, environ=os.environ)
+            return supervise(
+                config, log_level=options.log_level, log_format=chosen, environ=os.environ
+            )
         else:
             run_loop(serve(config, environ=os.environ))
     except OSError as exc:
@@ -94,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"mobilepay-proxy: configuration error: {exc}\n")
         return EXIT_CONFIG
+    finally:
+        # Every buffered line, access lines included, is out before the process exits.
+        writer.close()
     return 0
 
 

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from yarl import URL
 
@@ -38,6 +38,9 @@ ENV_IBM_CLIENT_ID = "MOBILEPAY_IBM_CLIENT_ID"
 ENV_REDIS_PASSWORD = "MOBILEPAY_PROXY_REDIS_PASSWORD"
 # How much longer than a token fetch (and its Redis calls) the refresh lock must live.
 LOCK_MARGIN_SECONDS = 0.5
+ENV_LOG_FORMAT = "MOBILEPAY_PROXY_LOG_FORMAT"
+LogFormat = Literal["text", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 # Headers only the proxy may set; a routing header with one of these names
 # would let a terminal pick a merchant by forging a credential header.
 _RESERVED_ROUTING_HEADERS = frozenset(
@@ -146,6 +149,11 @@ class RoutingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     mobilepay: MobilePayConfig
@@ -153,6 +161,7 @@ class Config:
     tokens: TokenConfig
     routing: RoutingConfig
     source: Path | None = None
+    logging: LoggingConfig = LoggingConfig()
 
     def summary(self) -> str:
         """A human summary without any secret, for ``check-config``."""
@@ -173,6 +182,7 @@ class Config:
             f"merchants:        {len(merchants)} keys, "
             f"{len(set(m.vat for m in merchants.values()))} VATs, "
             f"{restricted} restricted to source networks",
+            f"log format:       {self.logging.format}",
         ]
         return "\n".join(lines)
 
@@ -279,10 +289,28 @@ def parse_config(
     upstream = _parse_upstream(root.table("upstream"))
     tokens = _parse_tokens(root.table("tokens"), base_dir, environ)
     routing = _parse_routing(root.table("routing"), base_dir)
+    logging = _parse_logging(root.table("logging"), environ)
     root.finish()
     if server.port == server.metrics_port and server.port != 0:
         raise ConfigError("[server] port and metrics_port must differ")
-    return Config(server, mobilepay, upstream, tokens, routing, source)
+    return Config(server, mobilepay, upstream, tokens, routing, source, logging)
+
+
+def _parse_logging(table: _Table, environ: Mapping[str, str]) -> LoggingConfig:
+    """``[logging] format``; the environment wins over the file, as for credentials."""
+    in_file = table.string("format", "text")
+    table.finish()
+    value = environ.get(ENV_LOG_FORMAT) or in_file
+    where = ENV_LOG_FORMAT if environ.get(ENV_LOG_FORMAT) else "[logging] format"
+    return LoggingConfig(format=log_format(value, where))
+
+
+def log_format(value: str | None, where: str) -> LogFormat:
+    """``value`` as a log format; ConfigError naming ``where`` if it is none of them."""
+    for known in LOG_FORMATS:
+        if value == known:
+            return known
+    raise ConfigError(f"{where} must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
 
 
 def _port(table: _Table, key: str, default: int) -> int:

@@ -1,8 +1,9 @@
 """Errors the proxy itself answers with, each mapped to one status and one error code.
 
-Every error leaves the proxy as ``{"error": code, "message": sentence}`` with an
-``X-Proxy-Error: code`` header, so terminals and operators can tell the proxy's
-answers from MobilePay's own.
+Every error leaves the proxy in the shape of MobilePay's own ``ErrorResponse``,
+``{"code": code, "message": sentence, "correlationId": request id}``, so clients generated
+from ``pos.yaml`` can read it, with an ``X-Proxy-Error: code`` header, so terminals and
+operators can tell the proxy's answers from MobilePay's own.
 """
 
 from __future__ import annotations

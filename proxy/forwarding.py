@@ -20,13 +20,16 @@ from proxy.errors import (
 )
 from proxy.headers import request_strip_set, response_headers, upstream_request_headers
 from proxy.http1 import Response as UpstreamResponse
+from proxy.logs import AccessEntry, AccessLog
 from proxy.messages import Reply, Request, error_reply
 from proxy.metrics import Metrics, method_label
+from proxy.request_ids import REQUEST_ID_HEADER, RequestIds, mobilepay_correlation_id
 from proxy.routing import (
     ALLOWED_HEADER,
     ALLOWED_METHODS,
     POS_V10_ROUTES,
-    UNMATCHED_ROUTE,
+    UNMATCHED,
+    Route,
     RouteTable,
     check_prefix,
     check_source,
@@ -38,7 +41,6 @@ from proxy.tokens.token import Token
 from proxy.upstream import RetryableFailure, UpstreamClient
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("proxy.access")
 
 IDEMPOTENCY_HEADER = "X-MobilePay-Idempotency-Key"
 # Accepted targets remembered with their upstream URL and route. Only targets of requests
@@ -53,10 +55,12 @@ TARGET_CACHE_MAX_TARGET = 1024
 class _Outcome:
     """What the access log says about a request."""
 
-    route: str = UNMATCHED_ROUTE
-    merchant: str = "-"
-    token: str = "-"
+    request_id: str
+    route: Route = UNMATCHED
+    merchant: str | None = None
+    token: str | None = None
     attempts: int = 0
+    mobilepay_correlation_id: str | None = None
     deadline: float = 0.0  # event loop time by which the answer is due
 
 
@@ -78,39 +82,49 @@ class Forwarder:
         self._strip = request_strip_set(config.routing.header)
         self._base = str(config.mobilepay.api_base_url).rstrip("/")
         self._ibm_client_id = config.mobilepay.ibm_client_id
-        self._targets: dict[str, tuple[URL, str]] = {}
+        self._targets: dict[str, tuple[URL, Route]] = {}
         self._targets_bytes = 0
         self._max_body = config.server.max_body_bytes
         self._body_timeout = config.server.body_timeout_seconds
         self._deadline_seconds = config.upstream.request_deadline_seconds
         self._deadline_expired = metrics.timeouts.labels("request_deadline")
+        self._access = AccessLog(metrics.log_lines_dropped.inc)
+        self._request_ids = RequestIds()
 
     async def handle(self, request: Request) -> Reply:
         started = time.perf_counter()
-        outcome = _Outcome(deadline=asyncio.get_running_loop().time() + self._deadline_seconds)
+        outcome = _Outcome(
+            self._request_ids.of(request.headers),
+            deadline=asyncio.get_running_loop().time() + self._deadline_seconds,
+        )
         self._metrics.in_flight.inc()
         try:
             reply = await self._proxy(request, outcome)
         except ProxyError as exc:
             self._metrics.errors.labels(exc.code).inc()
-            reply = error_reply(exc)
+            reply = error_reply(exc, outcome.request_id)
         finally:
             self._metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
         method = method_label(request.method)
-        self._metrics.observe_request(method, outcome.route, reply.status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s %s %s -> %d in %.1f ms merchant=%s token=%s attempts=%d",
-                request.remote,
-                method,
-                outcome.route,
-                request.target.partition("?")[0] if outcome.route != UNMATCHED_ROUTE else "-",
-                reply.status,
-                elapsed * 1000,
-                outcome.merchant,
-                outcome.token,
-                outcome.attempts,
+        route = outcome.route.template
+        self._metrics.observe_request(method, route, reply.status, elapsed)
+        if self._access.enabled():
+            self._access.write(
+                AccessEntry(
+                    time.time(),
+                    request.remote,
+                    method,
+                    route,
+                    request.target.partition("?")[0] if outcome.route is not UNMATCHED else None,
+                    reply.status,
+                    elapsed * 1000,
+                    outcome.merchant,
+                    outcome.token,
+                    outcome.attempts,
+                    outcome.request_id,
+                    outcome.mobilepay_correlation_id,
+                )
             )
         return reply
 
@@ -121,19 +135,37 @@ class Forwarder:
         the refused bytes is logged.
         """
         label = method_label(method or "")
+        request_id = self._request_ids.new()
         self._metrics.errors.labels(error.code).inc()
-        self._metrics.requests.labels(label, UNMATCHED_ROUTE, error.status).inc()
-        access_log.info(
-            "%s %s %s - -> %d refused: %s", remote, label, UNMATCHED_ROUTE, error.status, error.code
-        )
-        return error_reply(error)
+        self._metrics.requests.labels(label, UNMATCHED.template, error.status).inc()
+        if self._access.enabled():
+            self._access.write(
+                AccessEntry(
+                    time.time(),
+                    remote,
+                    label,
+                    UNMATCHED.template,
+                    None,
+                    error.status,
+                    0.0,
+                    None,
+                    None,
+                    0,
+                    request_id,
+                    None,
+                )
+            )
+        return error_reply(error, request_id)
 
     async def _proxy(self, request: Request, outcome: _Outcome) -> Reply:
-        if request.method not in ALLOWED_METHODS:
+        if request.method not in ALLOWED_METHODS and not request.target.startswith("/"):
+            # CONNECT's authority-form, OPTIONS' asterisk-form: it is the method that is wrong.
             raise MethodNotAllowed(allowed=ALLOWED_HEADER)
+        url, outcome.route, known = self._resolve_target(request.target)
+        if request.method not in outcome.route.methods:
+            raise MethodNotAllowed(allowed=outcome.route.allow)
         if "Upgrade" in request.headers:
             raise UnsupportedUpgrade()
-        url, outcome.route, known = self._resolve_target(request.target)
         merchant = resolve_merchant(
             request.headers, self._config.routing.header, self._config.routing.merchants
         )
@@ -157,9 +189,13 @@ class Forwarder:
             self._metrics.upstream_401_retries.labels("cooldown").inc()
         else:
             upstream = await self._replay_after_401(request, outcome, merchant, token, url, body)
-        return Reply(
-            upstream.status, upstream.reason, response_headers(upstream.headers), upstream.body
-        )
+        if upstream.status >= 400:
+            outcome.mobilepay_correlation_id = mobilepay_correlation_id(
+                upstream.status, upstream.headers, upstream.body
+            )
+        headers = response_headers(upstream.headers)
+        headers[REQUEST_ID_HEADER] = outcome.request_id
+        return Reply(upstream.status, upstream.reason, headers, upstream.body)
 
     async def _replay_after_401(
         self,
@@ -203,6 +239,7 @@ class Forwarder:
             vat=merchant.vat,
             peer=request.remote,
         )
+        headers[REQUEST_ID_HEADER] = outcome.request_id
         method = request.method
         for attempt in (1, 2):
             outcome.attempts += 1
@@ -216,7 +253,7 @@ class Forwarder:
                 self._metrics.upstream_retries.labels(method).inc()
             finally:
                 self._metrics.observe_upstream(
-                    method_label(method), outcome.route, time.perf_counter() - started
+                    method_label(method), outcome.route.template, time.perf_counter() - started
                 )
         raise AssertionError("unreachable")
 
@@ -232,9 +269,9 @@ class Forwarder:
             self._deadline_expired.inc()
             raise RequestDeadlineExceeded() from None
 
-    def _resolve_target(self, raw_target: str) -> tuple[URL, str, bool]:
-        """The upstream URL and route template for an allowed target, and whether it was
-        remembered; raises for the rest.
+    def _resolve_target(self, raw_target: str) -> tuple[URL, Route, bool]:
+        """The upstream URL and route for an allowed target, and whether it was remembered;
+        raises for the rest.
 
         Terminals poll the same few targets over and over, so accepted ones are remembered
         once the request names a known merchant (see :meth:`_remember_target`).
@@ -249,7 +286,7 @@ class Forwarder:
             raw += "?" + target.query
         return URL(raw, encoded=True), self._routes.match(target.path), False
 
-    def _remember_target(self, raw_target: str, url: URL, route: str) -> None:
+    def _remember_target(self, raw_target: str, url: URL, route: Route) -> None:
         """Remember a resolved target; the cache starts afresh when full (entries or bytes)."""
         if len(raw_target) > TARGET_CACHE_MAX_TARGET:
             return

@@ -34,6 +34,7 @@ PROXY_OWNED = frozenset(
         "x-forwarded-port",
         "x-forwarded-prefix",
         "x-real-ip",
+        "x-request-id",  # the request's id, chosen by the proxy (proxy.request_ids)
         # Framing and negotiation belong to each connection: the upstream client frames
         # the buffered body itself, and the edge has already answered any Expect.
         "content-length",

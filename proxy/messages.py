@@ -17,6 +17,7 @@ from proxy.errors import (
     ProxyError,
     RequestTimeout,
 )
+from proxy.request_ids import REQUEST_ID_HEADER, new_request_id
 
 # Any bytes-like object the transport can send without copying it first.
 BodyBytes = bytes | bytearray | memoryview
@@ -33,10 +34,24 @@ class Reply:
     close: bool = False  # end the connection after this reply
 
 
-def error_reply(error: ProxyError) -> Reply:
-    """The proxy's JSON error answer: ``{"error": code, "message": sentence}``."""
-    body = json.dumps({"error": error.code, "message": error.message}).encode()
-    headers = CIMultiDict({"Content-Type": "application/json", ERROR_HEADER: error.code})
+def error_reply(error: ProxyError, request_id: str | None = None) -> Reply:
+    """The proxy's JSON error answer, shaped like MobilePay's ``ErrorResponse``.
+
+    ``{"code": code, "message": sentence, "correlationId": request id}``; a refusal that
+    comes before a request id was chosen (the parser's) gets a new one.
+    """
+    if request_id is None:
+        request_id = new_request_id()
+    body = json.dumps(
+        {"code": error.code, "message": error.message, "correlationId": request_id}
+    ).encode()
+    headers = CIMultiDict(
+        {
+            "Content-Type": "application/json",
+            ERROR_HEADER: error.code,
+            REQUEST_ID_HEADER: request_id,
+        }
+    )
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, MethodNotAllowed):

@@ -163,6 +163,11 @@ class Metrics:
             "Terminal connections refused because max_connections were open.",
             registry=registry,
         )
+        self.log_lines_dropped = Counter(
+            "mobilepay_proxy_log_lines_dropped",
+            "Log lines dropped because the log output could not keep up.",
+            registry=registry,
+        )
         self.merchants = Gauge(
             "mobilepay_proxy_merchants",
             "Merchant keys in the loaded routing map.",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy
@@ -25,39 +25,41 @@ from proxy.errors import (
     UnknownRoute,
 )
 
-# RFC 3986 pchar without ";" (matrix parameters that some servers treat as
-# path separators) and without "%", which is checked escape by escape.
-# The PoS V10 API uses only these.
+# Every method the proxy forwards on some route (all the PoS V10 API uses).
 ALLOWED_METHODS = frozenset({"GET", "POST", "DELETE"})
 ALLOWED_HEADER = ", ".join(sorted(ALLOWED_METHODS))
 
+# RFC 3986 pchar without ";" (matrix parameters that some servers treat as
+# path separators) and without "%", which is checked escape by escape.
 _PATH_SEGMENT = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@%]*")
 _QUERY = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,=:@%/?]*")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})|%([0-9A-Fa-f]{2})")
 # Escapes that could change how a path is split or normalised further along.
 _FORBIDDEN_PATH_BYTES = frozenset(b"/\\.%") | frozenset(range(0x20)) | {0x7F}
 
-POS_V10_ROUTES = (
-    "/pos/v10/payments",
-    "/pos/v10/payments/prepare",
-    "/pos/v10/payments/{paymentid}",
-    "/pos/v10/payments/{paymentid}/ready",
-    "/pos/v10/payments/{paymentid}/capture",
-    "/pos/v10/payments/{paymentid}/cancel",
-    "/pos/v10/pointofsales",
-    "/pos/v10/pointofsales/{posid}",
-    "/pos/v10/pointofsales/{posid}/checkin",
-    "/pos/v10/stores",
-    "/pos/v10/stores/detailed",
-    "/pos/v10/stores/{storeid}",
-    "/pos/v10/refunds",
-    "/pos/v10/refunds/{refundid}",
-    "/pos/v10/refunds/{refundid}/capture",
-    "/pos/v10/refunds/{refundid}/cancel",
-    "/pos/app/usersimulation/checkin",
-    "/pos/app/usersimulation/acceptpayment",
-    "/pos/app/usersimulation/cancelpaymentbyuser",
-)
+# The paths of MobilePay's pos.yaml (v10.2.6) with the methods it defines for each;
+# tests/test_spec.py checks this table against the published description.
+POS_V10_ROUTES: dict[str, frozenset[str]] = {
+    "/pos/v10/payments": frozenset({"GET", "POST"}),
+    "/pos/v10/payments/prepare": frozenset({"POST"}),
+    "/pos/v10/payments/{paymentid}": frozenset({"GET"}),
+    "/pos/v10/payments/{paymentid}/ready": frozenset({"POST"}),
+    "/pos/v10/payments/{paymentid}/capture": frozenset({"POST"}),
+    "/pos/v10/payments/{paymentid}/cancel": frozenset({"POST"}),
+    "/pos/v10/pointofsales": frozenset({"GET", "POST"}),
+    "/pos/v10/pointofsales/{posid}": frozenset({"GET", "DELETE"}),
+    "/pos/v10/pointofsales/{posid}/checkin": frozenset({"GET"}),
+    "/pos/v10/stores": frozenset({"GET"}),
+    "/pos/v10/stores/detailed": frozenset({"GET"}),
+    "/pos/v10/stores/{storeid}": frozenset({"GET"}),
+    "/pos/v10/refunds": frozenset({"GET", "POST"}),
+    "/pos/v10/refunds/{refundid}": frozenset({"GET"}),
+    "/pos/v10/refunds/{refundid}/capture": frozenset({"POST"}),
+    "/pos/v10/refunds/{refundid}/cancel": frozenset({"POST"}),
+    "/pos/app/usersimulation/checkin": frozenset({"POST"}),
+    "/pos/app/usersimulation/acceptpayment": frozenset({"POST"}),
+    "/pos/app/usersimulation/cancelpaymentbyuser": frozenset({"POST"}),
+}
 UNMATCHED_ROUTE = "unmatched"
 
 
@@ -116,26 +118,44 @@ def check_prefix(path: str, prefixes: tuple[str, ...]) -> None:
         raise UnknownRoute("This path is not served by the proxy.")
 
 
-class RouteTable:
-    """Maps a concrete path to its template, so metric labels stay bounded."""
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A path template and the methods forwarded on it (``allow`` is its ``Allow`` value)."""
 
-    def __init__(self, templates: Iterable[str]) -> None:
-        self._by_length: dict[int, list[tuple[tuple[str | None, ...], str]]] = {}
-        for template in templates:
+    template: str
+    methods: frozenset[str]
+    allow: str
+
+    @classmethod
+    def of(cls, template: str, methods: frozenset[str]) -> Route:
+        return cls(template, methods, ", ".join(sorted(methods)))
+
+
+# A path under an allowed prefix that no template matches is forwarded with any of the
+# proxy's methods; MobilePay answers for it (with 404, for the PoS V10 API).
+UNMATCHED = Route.of(UNMATCHED_ROUTE, ALLOWED_METHODS)
+
+
+class RouteTable:
+    """Maps a concrete path to its route, so metric labels stay bounded and 405s are exact."""
+
+    def __init__(self, routes: Mapping[str, frozenset[str]]) -> None:
+        self._by_length: dict[int, list[tuple[tuple[str | None, ...], Route]]] = {}
+        for template, methods in routes.items():
             parts = tuple(
                 None if part.startswith("{") else part for part in template.strip("/").split("/")
             )
-            self._by_length.setdefault(len(parts), []).append((parts, template))
+            self._by_length.setdefault(len(parts), []).append((parts, Route.of(template, methods)))
         # Literal segments win over parameters: /stores/detailed before /stores/{storeid}.
         for candidates in self._by_length.values():
             candidates.sort(key=lambda item: sum(part is None for part in item[0]))
 
-    def match(self, path: str) -> str:
+    def match(self, path: str) -> Route:
         parts = path.strip("/").split("/")
-        for pattern, template in self._by_length.get(len(parts), ()):
+        for pattern, route in self._by_length.get(len(parts), ()):
             if all(p is None or p == actual for p, actual in zip(pattern, parts, strict=True)):
-                return template
-        return UNMATCHED_ROUTE
+                return route
+        return UNMATCHED
 
 
 def resolve_merchant(

@@ -23,6 +23,7 @@ from proxy.app import (
 )
 from proxy.config import Config, ConfigError, load_config
 from proxy.edge import EdgeServer
+from proxy.logs import flush_soon
 
 log = logging.getLogger(__name__)
 SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -131,6 +132,7 @@ async def serve(
 
 
 def _request_reload(reloads: asyncio.Queue[None]) -> None:
+    flush_soon()  # operators send SIGHUP to see the buffered access lines, too
     # Signals arriving during a reload fold into one more reload after it.
     with contextlib.suppress(asyncio.QueueFull):
         reloads.put_nowait(None)

@@ -67,7 +67,9 @@ WORKER_QUERY_TIMEOUT_SECONDS = 2.0
 ORPHAN_CHECK_SECONDS = 1.0
 
 
-def supervise(config: Config, *, log_level: str, environ: Mapping[str, str]) -> int:
+def supervise(
+    config: Config, *, log_level: str, log_format: str, environ: Mapping[str, str]
+) -> int:
     """Run ``config.server.workers`` workers until SIGTERM or SIGINT; return the exit code.
 
     Raises OSError when the terminal or metrics address cannot be bound.
@@ -83,6 +85,7 @@ def supervise(config: Config, *, log_level: str, environ: Mapping[str, str]) -> 
                 port=reserved[0].getsockname()[1],
                 run_dir=Path(run_dir),
                 log_level=log_level,
+                log_format=log_format,
                 environ=environ,
             )
             return asyncio.run(supervisor.run())
@@ -152,6 +155,7 @@ class Supervisor:
         port: int,
         run_dir: Path,
         log_level: str,
+        log_format: str,
         environ: Mapping[str, str],
     ) -> None:
         self._config = config
@@ -159,6 +163,7 @@ class Supervisor:
         # Each worker loads it itself, and again on SIGHUP.
         self._config_path = config_path
         self._log_level = log_level
+        self._log_format = log_format
         metrics_dir = run_dir / "metrics"
         metrics_dir.mkdir()
         self._merged = WorkersMetrics(metrics_dir)
@@ -279,6 +284,8 @@ class Supervisor:
             str(self._config_path),
             "--log-level",
             self._log_level,
+            "--log-format",
+            self._log_format,
             "--worker-index",
             str(worker.index),
             "--port",

@@ -206,7 +206,7 @@ async def test_a_broken_chunk_mid_body_is_400_and_nothing_is_forwarded(
     await asyncio.sleep(0.05)
     await connection.send(broken)
     answer = await connection.response()
-    assert (answer.status, answer.json()["error"]) == (400, "malformed_request")
+    assert (answer.status, answer.json()["code"]) == (400, "malformed_request")
     assert await connection.closes()
     assert pos_server.requests == []
 
@@ -222,7 +222,7 @@ async def test_a_terminal_that_stops_mid_body_gets_nothing_forwarded(
     # Half-close: the terminal has finished sending and waits for an answer.
     connection.finish_sending()
     answer = await connection.response()
-    assert (answer.status, answer.json()["error"]) == (400, "incomplete_body")
+    assert (answer.status, answer.json()["code"]) == (400, "incomplete_body")
     assert await connection.closes()
     assert pos_server.requests == []
 
@@ -258,7 +258,7 @@ async def test_error_answer_keeps_the_connection_usable(
     error = await connection.response()
     assert error.status == 403
     assert (error.header("content-type") or "").startswith("application/json")
-    assert error.json()["error"] == "unknown_merchant"
+    assert error.json()["code"] == "unknown_merchant"
     assert_framed(error)
     assert "close" not in error.connection_options()
     await connection.send(get("/pos/v10/payments/2"))
@@ -299,7 +299,7 @@ async def test_body_over_the_limit_is_413_and_the_connection_closes(
         await connection.send(b"c8\r\n" + b"y" * 200 + b"\r\n" + b"0\r\n\r\n")
     answer = await connection.response()
     assert answer.status == 413
-    assert answer.json()["error"] == "body_too_large"
+    assert answer.json()["code"] == "body_too_large"
     assert await connection.closes()
     assert pos_server.requests == []
 
@@ -423,7 +423,7 @@ async def test_expect_100_continue_with_a_body_over_the_limit_is_refused_unsent(
     # The final status follows from the header section, so it comes without the body.
     answer = await connection.response(wait=1.0)
     assert answer.status == 413
-    assert answer.json()["error"] == "body_too_large"
+    assert answer.json()["code"] == "body_too_large"
     assert pos_server.requests == []
 
 
@@ -441,7 +441,7 @@ async def test_bad_request_after_a_good_one_gets_json_400_and_a_close(
     assert (answer.version, answer.status) == ("HTTP/1.1", 400)
     assert "close" in answer.connection_options()
     assert (answer.header("content-type") or "").startswith("application/json")
-    assert answer.json()["error"] == "malformed_request"
+    assert answer.json()["code"] == "malformed_request"
     assert answer.header("X-Proxy-Error") == "malformed_request"
     assert await connection.closes()
     assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/1"]
@@ -496,7 +496,7 @@ async def test_a_refusal_instead_of_100_continue_closes_the_connection(
     )
     # The terminal never sends the body: it got a final answer instead of the 100.
     answer = await connection.response(wait=1.0)
-    assert (answer.status, answer.json()["error"]) == (403, "unknown_merchant")
+    assert (answer.status, answer.json()["code"]) == (403, "unknown_merchant")
     assert "close" in answer.connection_options()
     assert await connection.closes(wait=0.5)
     assert pos_server.requests == []

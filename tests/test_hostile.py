@@ -99,7 +99,7 @@ async def test_rejected_requests(
     assert response.headers["content-type"].startswith("application/json")
     assert response.headers["x-proxy-error"] == code
     body = response.json()
-    assert body["error"] == code
+    assert body["code"] == code
     assert isinstance(body["message"], str)
     assert body["message"]
     if status == 405:
@@ -194,7 +194,7 @@ async def test_requests_the_parser_refuses_get_json_errors(
 ) -> None:
     response = await send_raw(proxy.url, raw, expect_close=True)
     assert response.status == status
-    assert response.json()["error"] == code
+    assert response.json()["code"] == code
     assert response.headers["x-proxy-error"] == code
     assert response.closed, "the connection stays open after a framing error"
     _nothing_sent(pos_server, token_server)
@@ -264,7 +264,7 @@ async def test_body_over_the_limit_is_413_before_anything_is_sent(
 ) -> None:
     proxy: RunningProxy = await start_proxy(server={"max_body_bytes": 1000})
     status, _, body = await proxy.request("POST", "/pos/v10/payments", data=b"x" * 1001)
-    assert (status, json.loads(body)["error"]) == (413, "body_too_large")
+    assert (status, json.loads(body)["code"]) == (413, "body_too_large")
 
     async def chunks() -> Any:
         for _ in range(20):

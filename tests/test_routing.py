@@ -110,7 +110,7 @@ def test_prefixes_are_enforced_on_whole_segments() -> None:
     ],
 )
 def test_route_templates(path: str, template: str) -> None:
-    assert RouteTable(POS_V10_ROUTES).match(path) == template
+    assert RouteTable(POS_V10_ROUTES).match(path).template == template
 
 
 def _headers(*pairs: tuple[str, str]) -> CIMultiDictProxy[str]:

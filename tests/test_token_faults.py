@@ -45,7 +45,7 @@ async def test_no_token_means_503_with_retry_after_and_no_upstream_call(
     status, headers, body = await proxy.request("GET", "/pos/v10/stores/s1")
     assert status == 503
     assert headers["X-Proxy-Error"] == "token_unavailable"
-    assert json.loads(body)["error"] == "token_unavailable"
+    assert json.loads(body)["code"] == "token_unavailable"
     assert int(headers["Retry-After"]) >= 1
     if fault == "503":
         assert int(headers["Retry-After"]) == 7

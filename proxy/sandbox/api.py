@@ -429,7 +429,8 @@ def _pos_app() -> web.Application:
     add.add_post("/payments", _initiate_payment)
     add.add_post("/payments/prepare", _prepare_payment)
     add.add_get("/payments", _find_payments)
-    add.add_get("/payments/{paymentid}", _get_payment)
+    # Not /payments/prepare, which takes only POST (so its 405 says Allow: POST).
+    add.add_get("/payments/{paymentid:(?!prepare$)[^{}/]+}", _get_payment)
     add.add_post("/payments/{paymentid}/ready", _ready_payment)
     add.add_post("/payments/{paymentid}/capture", _capture_payment)
     add.add_post("/payments/{paymentid}/cancel", _cancel_payment)
