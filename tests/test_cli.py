@@ -136,7 +136,11 @@ async def test_a_taken_port_is_one_line_and_exit_1(
             {"server": {"drain_timeout_seconds": "long"}},
             "drain_timeout_seconds must be a number",
         ),
-        ({}, {"server": {"drain_timeout_seconds": -1}}, "drain_timeout_seconds must be at least 0"),
+        (
+            {},
+            {"server": {"drain_timeout_seconds": -1}},
+            "drain_timeout_seconds must be a number from 0 to 3600, not -1",
+        ),
         ({}, {"routing": {"header": " "}}, "[routing] header must be a non-empty string"),
         ({}, {"routing": {"header": "X Merchant"}}, "is not a valid header name"),
         ({}, {"routing": {"header": "Authorization"}}, "is reserved; choose another name"),

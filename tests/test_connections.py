@@ -514,7 +514,7 @@ async def test_a_good_request_before_a_malformed_one_in_one_segment_is_answered_
     first = await connection.response()
     assert (first.status, first.json()["path"]) == (200, "/pos/v10/payments/1")
     second = await connection.response()
-    assert (second.status, second.json()["error"]) == (400, "malformed_request")
+    assert (second.status, second.json()["code"]) == (400, "malformed_request")
     assert "close" in second.connection_options()
     assert await connection.closes()
     assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/1"]
@@ -538,7 +538,7 @@ async def test_request_trailers_are_refused_and_never_reach_the_next_request(
     second = request_bytes("POST", "/pos/v10/payments", [] if name == M[0] else [M], b"{}")
     await connection.send(first + second)
     answer = await connection.response()
-    assert (answer.status, answer.json()["error"]) == (400, "malformed_request")
+    assert (answer.status, answer.json()["code"]) == (400, "malformed_request")
     assert "close" in answer.connection_options()
     assert await connection.closes()
     assert pos_server.requests == []

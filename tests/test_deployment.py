@@ -37,6 +37,7 @@ from tests.helpers.dashboard import DASHBOARD
 from tests.helpers.dashboard import dashboard_queries as _dashboard_queries
 from tests.helpers.dashboard import load_dashboard as _dashboard
 from tests.helpers.dashboard import panels as _panels
+from tests.helpers.processes import MACHINE_ENVIRON
 
 DOCKERIGNORE = ROOT / ".dockerignore"
 LOCK_FILE = ROOT / "requirements.lock"
@@ -439,6 +440,8 @@ def test_make_lock_reproduces_the_lock(tmp_path: Path) -> None:
         text=True,
         timeout=300,
         check=False,
+        # uv reaches PyPI: with the machine's trust store, not the tests' empty one.
+        env=MACHINE_ENVIRON,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert lock.read_text(encoding="utf-8") == LOCK_FILE.read_text(encoding="utf-8")

@@ -192,7 +192,7 @@ async def test_connections_beyond_max_connections_are_refused_and_counted(
     assert head.startswith(b"HTTP/1.1 503")
     assert b"\r\nConnection: close" in head
     assert b"\r\nX-Proxy-Error: too_many_connections" in head
-    assert b'"error": "too_many_connections"' in body
+    assert b'"code": "too_many_connections"' in body
     assert proxy.sample("mobilepay_proxy_connections_refused_total") == 1
     assert proxy.sample("mobilepay_proxy_errors_total", {"code": "too_many_connections"}) == 1
 

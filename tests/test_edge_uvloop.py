@@ -7,6 +7,7 @@ the same methods, so the edge is served here once on uvloop, over a real socket.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
@@ -57,10 +58,8 @@ def test_the_edge_serves_pipelined_requests_and_refusals_on_uvloop() -> None:
     )
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         answers, refused = runner.run(asyncio.wait_for(_exchange(data), 10))
-    assert re.findall(rb"\r\n\r\n([^\r]*?)(?=HTTP/1\.1 |$)", answers) == [
-        b"/a ",
-        b"/b {}",
-        b'{"error": "malformed_request", "message": "The request has more than one Host header."}',
-    ]
+    bodies = re.findall(rb"\r\n\r\n([^\r]*?)(?=HTTP/1\.1 |$)", answers)
+    assert bodies[:2] == [b"/a ", b"/b {}"]
+    assert json.loads(bodies[2])["code"] == "malformed_request"
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answers) == [b"200", b"200", b"400"]
     assert refused == ["malformed_request"]

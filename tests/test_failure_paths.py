@@ -184,7 +184,7 @@ async def test_an_exception_in_the_handler_is_a_json_500_and_the_server_lives_on
         broken = await Connection.open(url, exposure)
         await broken.send(request_bytes("GET", "/raise"))
         answer = await broken.response()
-        assert (answer.status, answer.json()["error"]) == (500, "internal_error")
+        assert (answer.status, answer.json()["code"]) == (500, "internal_error")
         assert answer.header("X-Proxy-Error") == "internal_error"
         assert answer.json()["message"]
         assert await broken.closes()

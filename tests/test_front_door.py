@@ -10,7 +10,10 @@ documented list below. No code touches an attribute starting with ``_`` except o
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +57,9 @@ DOCUMENTED: dict[str, frozenset[str]] = {
     "prometheus_client.registry": frozenset({"Collector", "CollectorRegistry"}),
     "prometheus_client.metrics_core": frozenset({"Metric"}),
     "prometheus_client.multiprocess": frozenset({"MultiProcessCollector", "mark_process_dead"}),
+    # python-json-logger declares no __all__; its documented formatter class, as its
+    # quickstart imports it (nhairs.github.io/python-json-logger).
+    "pythonjsonlogger.json": frozenset({"JsonFormatter"}),
 }
 
 
@@ -171,17 +177,39 @@ PENDING = frozenset(
 )
 
 
+@functools.cache
+def proxy_findings() -> tuple[Finding, ...]:
+    """``findings()`` of proxy/, from a fresh interpreter.
+
+    CPython 3.11.7's ast module can fail with "AST constructor recursion depth mismatch"
+    when it runs deep inside a long test session; a new process has a clean stack.
+    """
+    script = (
+        "import json; from tests.test_front_door import findings; "
+        "print(json.dumps([[f.where, f.what] for f in findings()]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=60,
+    )
+    return tuple(Finding(where, what) for where, what in json.loads(result.stdout))
+
+
 def _without_line(finding: Finding) -> str:
     return f"{finding.where.partition(':')[0]}: {finding.what}"
 
 
 def test_dependencies_are_used_through_their_front_door() -> None:
-    problems = [str(f) for f in findings() if _without_line(f) not in PENDING]
+    problems = [str(f) for f in proxy_findings() if _without_line(f) not in PENDING]
     assert not problems, "\n".join(problems)
 
 
 def test_every_pending_finding_is_still_there() -> None:
-    assert PENDING.issubset(_without_line(finding) for finding in findings())
+    assert PENDING.issubset(_without_line(finding) for finding in proxy_findings())
 
 
 @pytest.mark.parametrize(

@@ -235,7 +235,7 @@ async def test_requests_the_parser_refuses_are_counted_and_logged(
     proxy: RunningProxy, raw: bytes, method: str, status: int, code: str
 ) -> None:
     response = await send_raw(proxy.url, raw, expect_close=True)
-    assert (response.status, response.json()["error"]) == (status, code)
+    assert (response.status, response.json()["code"]) == (status, code)
     # A refused trailer fails the body of a request the pipeline has routed already.
     route = "/pos/v10/payments" if method == "POST" else "unmatched"
     labels = {"method": method, "route": route, "status": str(status)}
@@ -271,7 +271,7 @@ async def test_body_over_the_limit_is_413_before_anything_is_sent(
             yield b"y" * 100
 
     status, _, body = await proxy.request("POST", "/pos/v10/payments", data=chunks())
-    assert (status, json.loads(body)["error"]) == (413, "body_too_large")
+    assert (status, json.loads(body)["code"]) == (413, "body_too_large")
     status, _, _ = await proxy.request("POST", "/pos/v10/payments", data=b"x" * 1000)
     assert status == 200
     assert len(pos_server.requests) == 1
@@ -285,7 +285,7 @@ async def test_an_unframed_http10_body_is_400_before_anything_is_sent(
     # closes (RFC 9112 6.3), and HTTP/1.0 asks a POST for a Content-Length (RFC 1945 8.3).
     raw = b"POST /pos/v10/payments HTTP/1.0\r\nX-Merchant-Id: store-001\r\n\r\n" + b"z" * 5000
     response = await send_raw(proxy.url, raw, expect_close=True)
-    assert (response.status, response.json()["error"]) == (400, "malformed_request")
+    assert (response.status, response.json()["code"]) == (400, "malformed_request")
     assert response.closed
     _nothing_sent(pos_server, token_server)
 

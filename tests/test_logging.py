@@ -57,6 +57,14 @@ class Spawned:
     async def stop(self) -> list[str]:
         """SIGTERM, wait for a clean exit, and return every line it wrote."""
         assert await self.proxy.running.stop() == 0
+        return self.lines()
+
+    async def exited(self) -> list[str]:
+        """Wait for an exit already asked for (never a second SIGTERM); every line written."""
+        assert await self.proxy.running.wait() == 0
+        return self.lines()
+
+    def lines(self) -> list[str]:
         return [line.rstrip("\n") for line in self.proxy.running.lines]
 
 
@@ -153,6 +161,12 @@ async def test_workers_log_json_too(
         processes, tmp_path, ca_file, pos_server, "--log-format", "json", server={"workers": 2}
     ) as proxy:
         async with aiohttp.ClientSession() as session:
+
+            async def ready() -> bool:
+                async with session.get(f"{proxy.metrics_url}/readyz") as response:
+                    return response.status == 200
+
+            await eventually(ready, "both workers ready")
             for _ in range(20):
                 assert (await _get(session, f"{proxy.url}/pos/v10/stores/s", headers=MERCHANT))[
                     0
@@ -234,7 +248,7 @@ async def test_every_answered_request_has_its_access_line_after_sigterm(
             await eventually(all_upstream, "250 requests at the upstream")
             proxy.proxy.running.signal(signal.SIGTERM)
             await asyncio.gather(*late)
-        lines = await proxy.stop()
+        lines = await proxy.exited()
     logged = [
         line.split("request_id=")[1].split()[0] for line in lines if " proxy.access: " in line
     ]

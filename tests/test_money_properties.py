@@ -271,7 +271,7 @@ async def test_no_unkeyed_post_twice_and_one_answer_per_request(
     for plan_id, answer in zip(sent, answers, strict=True):
         assert answer.closed, "more than one answer, or the connection was kept"
         if answer.status not in (200, 401):
-            assert answer.headers["x-proxy-error"] == answer.json()["error"]
+            assert answer.headers["x-proxy-error"] == answer.json()["code"]
         proxy.exposure.texts.append(answer.body.decode(errors="replace"))
         attempts = planned_upstream.received.get(plan_id, [])
         if REQUESTS[sent[plan_id]][0] != "POST" or any(key for _, key in attempts):

@@ -140,7 +140,7 @@ async def test_a_merchant_removed_mid_fetch_gets_503_token_unavailable(
     status, headers, body = await asyncio.wait_for(pending, 3)
     assert (status, headers["X-Proxy-Error"]) == (503, "token_unavailable")
     assert int(headers["Retry-After"]) >= 1
-    assert json.loads(body)["error"] == "token_unavailable"
+    assert json.loads(body)["code"] == "token_unavailable"
     assert pos_server.requests == []
 
 

@@ -48,6 +48,7 @@ import yaml
 
 from tests.conftest import Exposure
 from tests.deployment_files import ROOT, Compose, Stage, exec_form, run_flags, stages
+from tests.helpers.processes import MACHINE_ENVIRON
 
 pytestmark = pytest.mark.slow
 
@@ -151,7 +152,11 @@ class Build:
                 "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                 # The image has no pip configuration; this machine's must not change the build.
                 "PIP_CONFIG_FILE": os.devnull,
-                **{name: os.environ[name] for name in NETWORK_ENVIRONMENT if name in os.environ},
+                **{
+                    name: MACHINE_ENVIRON[name]
+                    for name in NETWORK_ENVIRONMENT
+                    if name in MACHINE_ENVIRON
+                },
                 **stage.environment(),
             }
             for keyword, args in stage.instructions:

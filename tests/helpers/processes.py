@@ -23,6 +23,9 @@ from tests.helpers import ROOT
 from tests.helpers.exposure import Exposure
 from tests.helpers.ports import ADDRESS, http_url
 
+# The environment as the test session found it, before fixtures replaced the system trust
+# store with an empty one: what a step that reaches PyPI (pip, uv) must run with.
+MACHINE_ENVIRON: dict[str, str] = dict(os.environ)
 PASSED_THROUGH = ("PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "SSL_CERT_FILE", "SSL_CERT_DIR")
 STOP_SECONDS = 20.0
 PROXY = (sys.executable, "-m", "proxy")
