@@ -62,7 +62,7 @@ test-tools:
 # How long the soak test runs within make test (its own default is 60 s).
 SOAK_SECONDS ?= 30
 # The lowest total coverage of proxy/ (the simulator aside, branches included) that
-# `make coverage` accepts: measured at 94.8 % (96 % of statements).
+# `make coverage` accepts: measured at 94.9 % (96 % of statements).
 COVERAGE_FLOOR := 94
 
 # Lint, the whole suite under coverage, then the HTTP layer against the newest aiohttp.
