@@ -13,13 +13,14 @@ by a single process), and the ``live`` modes drop a worker's values once it has 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mmap_dict, values
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -67,9 +68,12 @@ EXPIRY_TOLERANCE_SECONDS = 0.5
 def multiprocess_enabled() -> bool:
     """Whether prometheus_client keeps values in per-process files for a supervisor to merge.
 
-    It decides once, when first imported, from ``PROMETHEUS_MULTIPROC_DIR``.
+    It decides once, when first imported, from ``PROMETHEUS_MULTIPROC_DIR`` (or its
+    deprecated lower-case spelling); a worker has it in its environment from the start.
     """
-    return values.ValueClass is not values.MutexValue
+    return any(
+        name in os.environ for name in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
+    )
 
 
 class Metrics:
@@ -261,14 +265,32 @@ class _TokenExpiryCollector(Collector):
         yield family
 
 
-# The per-process file of multiprocess mode; prometheus_client gives it no type hints.
-_MmapedDict: Any = mmap_dict.MmapedDict
+SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+@dataclass
+class _Archived:
+    """The counts of exited workers in one counter or histogram family, added up."""
+
+    name: str
+    documentation: str
+    type: str
+    totals: dict[SampleKey, float] = field(default_factory=dict)
+
+    def add(self, metric: Metric) -> None:
+        # Merged histograms are cumulative per worker; sums of cumulative counts are the
+        # cumulative counts of the sums, so adding them up is what the merge does too.
+        for sample in metric.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            self.totals[key] = self.totals.get(key, 0.0) + sample.value
 
 
 class WorkersMetrics(Collector):
     """What every worker has recorded in ``directory``, exported by their supervisor.
 
-    prometheus_client's multiprocess merge, minus the series of tokens no worker holds.
+    prometheus_client's multiprocess merge, minus the series of tokens no worker holds,
+    plus the counts of exited workers, which the supervisor keeps in memory so that a
+    worker that keeps being restarted does not leave a file behind each time.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -276,12 +298,17 @@ class WorkersMetrics(Collector):
         self.registry = CollectorRegistry()
         # A scrape must not see an exited worker's counts both archived and in its own file.
         self._lock = threading.Lock()
+        self._archived: dict[str, _Archived] = {}
         self.registry.register(self)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             files = [str(path) for path in self.directory.glob("*.db")]
             merged = MultiProcessCollector.merge(files)  # type: ignore[no-untyped-call]
+            archived = {
+                name: _Archived(family.name, family.documentation, family.type, dict(family.totals))
+                for name, family in self._archived.items()
+            }
         now = time.time()
         for metric in merged:
             if metric.name == TOKEN_EXPIRY:
@@ -291,13 +318,18 @@ class WorkersMetrics(Collector):
                     for sample in metric.samples
                     if sample.value != NOT_HELD
                 ]
+            elif metric.name in archived:
+                family = archived.pop(metric.name)
+                family.add(metric)
+                metric = _family(family)
             yield metric
+        for family in archived.values():
+            yield _family(family)
 
     def worker_exited(self, pid: int) -> None:
-        """Drop an exited worker's gauges; fold its counts into one archive file per kind.
+        """Drop an exited worker's gauges; fold its counts into the supervisor's archive.
 
-        Its counters and histograms keep counting towards the totals, and a worker that
-        keeps being restarted does not leave a file behind each time.
+        Its counters and histograms keep counting towards the totals.
         """
         with self._lock:
             # Every gauge in Metrics has a live mode: its values die with the worker.
@@ -306,15 +338,19 @@ class WorkersMetrics(Collector):
                 exited = self.directory / f"{kind}_{pid}.db"
                 if not exited.exists():
                     continue
-                # The raw values are per key (series, or histogram bucket), so adding them
-                # up is what the merge does too.
-                archive = _MmapedDict(str(self.directory / f"{kind}_archive.db"))
-                try:
-                    for key, value, _, _ in _MmapedDict.read_all_values_from_file(str(exited)):
-                        archive.write_value(key, archive.read_value(key)[0] + value, 0.0)
-                finally:
-                    archive.close()
+                for metric in MultiProcessCollector.merge([str(exited)]):  # type: ignore[no-untyped-call]
+                    family = self._archived.setdefault(
+                        metric.name, _Archived(metric.name, metric.documentation, metric.type)
+                    )
+                    family.add(metric)
                 exited.unlink()
+
+
+def _family(archived: _Archived) -> Metric:
+    metric = Metric(archived.name, archived.documentation, archived.type)
+    for (name, labels), value in archived.totals.items():
+        metric.add_sample(name, dict(labels), value)
+    return metric
 
 
 def method_label(method: str) -> str:

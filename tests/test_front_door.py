@@ -164,19 +164,6 @@ def findings(package: Path = PACKAGE) -> list[Finding]:
     return found
 
 
-# Found in code being rewritten elsewhere; each entry goes when its code does, and the
-# second test below fails as soon as one of them is no longer found.
-PENDING = frozenset(
-    {
-        "proxy.metrics: from prometheus_client import mmap_dict: not exported",
-        "proxy.metrics: from prometheus_client import values: not exported",
-        "proxy.metrics: prometheus_client.mmap_dict.MmapedDict: not exported",
-        "proxy.metrics: prometheus_client.values.ValueClass: not exported",
-        "proxy.metrics: prometheus_client.values.MutexValue: not exported",
-    }
-)
-
-
 @functools.cache
 def proxy_findings() -> tuple[Finding, ...]:
     """``findings()`` of proxy/, from a fresh interpreter.
@@ -199,17 +186,9 @@ def proxy_findings() -> tuple[Finding, ...]:
     return tuple(Finding(where, what) for where, what in json.loads(result.stdout))
 
 
-def _without_line(finding: Finding) -> str:
-    return f"{finding.where.partition(':')[0]}: {finding.what}"
-
-
 def test_dependencies_are_used_through_their_front_door() -> None:
-    problems = [str(f) for f in proxy_findings() if _without_line(f) not in PENDING]
+    problems = [str(finding) for finding in proxy_findings()]
     assert not problems, "\n".join(problems)
-
-
-def test_every_pending_finding_is_still_there() -> None:
-    assert PENDING.issubset(_without_line(finding) for finding in proxy_findings())
 
 
 @pytest.mark.parametrize(

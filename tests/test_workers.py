@@ -458,11 +458,17 @@ def test_workers_metrics_merge_into_one_view(tmp_path: Path, processes: Processe
     assert gauge_samples() == []
     assert value("mobilepay_proxy_requests_total", **request) == 2
     assert value("mobilepay_proxy_request_duration_seconds_count", **duration) == 2
-    # Exited workers' counts live on in one file per kind, not one per worker.
-    assert sorted(path.name for path in tmp_path.iterdir()) == [
-        "counter_archive.db",
-        "histogram_archive.db",
-    ]
+    # Exited workers' counts live on in the supervisor, not in one file per worker.
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+    # A worker started later adds to what the exited ones counted, bucket by bucket.
+    worker()
+    assert value("mobilepay_proxy_requests_total", **request) == 3
+    assert value("mobilepay_proxy_request_duration_seconds_count", **duration) == 3
+    assert value("mobilepay_proxy_request_duration_seconds_bucket", **duration, le="0.005") == 0
+    assert value("mobilepay_proxy_request_duration_seconds_bucket", **duration, le="0.025") == 3
+    assert value("mobilepay_proxy_request_duration_seconds_sum", **duration) == pytest.approx(0.03)
+    assert value("mobilepay_proxy_in_flight_requests") == 1
 
     # The same families, under the same names, as a single process exports.
     single_registry = CollectorRegistry()
