@@ -495,7 +495,7 @@ def _files(path: Path) -> Iterator[str]:
 
 def test_dockerignore_sends_what_the_build_copies_and_no_secrets() -> None:
     patterns = _dockerignore()
-    copied = []
+    copied: list[str] = []
     for copy in stages()[0].all("COPY"):
         words = [word for word in copy.split() if not word.startswith("--")]
         for source in words[:-1]:

@@ -155,6 +155,7 @@ def test_source_networks() -> None:
     )
     for peer in ("10.1.17.5", "::ffff:10.1.17.5", "fd00::1"):
         check_source(limited, peer)
-    for peer in ("10.1.18.5", "127.0.0.1", "::1", None, "not-an-ip"):
+    outside: tuple[str | None, ...] = ("10.1.18.5", "127.0.0.1", "::1", None, "not-an-ip")
+    for peer_outside in outside:
         with pytest.raises(SourceNotAllowed):
-            check_source(limited, peer)
+            check_source(limited, peer_outside)
