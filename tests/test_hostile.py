@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from typing import Any
@@ -302,16 +303,20 @@ async def test_trickling_body_hits_the_deadline_and_others_are_unaffected(
     )
     loop = asyncio.get_running_loop()
     started = loop.time()
-    for _ in range(3):
-        writer.write(b"x")
-        await writer.drain()
+    head = b""
+    # A byte every 0.1 s for 4 s: a timeout that each byte restarted would never expire.
+    for _ in range(40):
+        with contextlib.suppress(ConnectionError):
+            writer.write(b"x")
+            await writer.drain()
         status, _, _ = await proxy.request("GET", GET_PAYMENT, merchant="store-002")
         assert status == 200
-        await asyncio.sleep(0.1)
-    head = await asyncio.wait_for(reader.readuntil(b"}"), 3)
-    assert head.startswith(b"HTTP/1.1 408")
+        with contextlib.suppress(TimeoutError):
+            head = await asyncio.wait_for(reader.readuntil(b"}"), 0.1)
+            break
+    assert head.startswith(b"HTTP/1.1 408"), "the trickle kept the body deadline away"
     assert b"request_timeout" in head
-    assert loop.time() - started < 2
+    assert loop.time() - started > 0.45
     writer.close()
     assert all(r.method == "GET" for r in pos_server.requests)
     assert proxy.sample("mobilepay_proxy_timeouts_total", {"phase": "request_body"}) == 1
@@ -364,7 +369,8 @@ async def test_slowloris_headers_are_cut_off_and_others_are_unaffected(
             break
     writer.close()
     assert closed_at is not None, "a trickling client kept its connection"
-    assert 0.4 < closed_at - started < 2.0
+    # Cut off while still trickling, not before the header timeout, and counted as such.
+    assert closed_at - started > 0.45
     assert proxy.sample("mobilepay_proxy_timeouts_total", {"phase": "request_head"}) == 1
     assert all(
         r.headers["X-MobilePay-Merchant-VAT-Number"] == "DK10000002" for r in pos_server.requests

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import yaml
 
 from tests.conftest import Exposure
 from tests.deployment_files import ROOT, Compose, Stage, exec_form, run_flags, stages
+from tests.helpers.ports import unused_port
 from tests.helpers.processes import MACHINE_ENVIRON
 
 pytestmark = pytest.mark.slow
@@ -106,13 +106,6 @@ IMAGES: Mapping[str, Image] = {
         lambda port: [f"--web.listen-address={LOOPBACK}:{port}"],
     ),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _image(service: Mapping[str, Any]) -> Image:
@@ -240,7 +233,7 @@ class Stack:
     def port(self, service: str, container_port: int) -> int:
         key = (service, container_port)
         if key not in self.ports:
-            self.ports[key] = _free_port()
+            self.ports[key] = unused_port()
         return self.ports[key]
 
     def container_ports(self, service: str, image: Stage) -> set[int]:

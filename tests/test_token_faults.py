@@ -13,6 +13,7 @@ from aiohttp import web
 from proxy.tokens.token import usable_lifetime
 from tests.conftest import RunningProxy
 from tests.fakes import PosServer, TokenServer, make_jwt
+from tests.helpers.ports import refusing_port
 
 
 def _fault(response: Callable[[], web.StreamResponse]) -> Any:
@@ -71,17 +72,18 @@ async def test_invalid_client_is_logged_as_a_credentials_problem(
 
 
 async def test_token_endpoint_timeout_and_refused(
-    start_proxy: Callable[..., Any], token_server: TokenServer, unused_tcp_port: int
+    start_proxy: Callable[..., Any], token_server: TokenServer
 ) -> None:
     token_server.delay = 2
     proxy: RunningProxy = await start_proxy(tokens={"timeout_seconds": 0.3})
     status, headers, _ = await proxy.request("GET", "/pos/v10/stores/s1")
     assert (status, headers["X-Proxy-Error"]) == (503, "token_unavailable")
 
-    refused: RunningProxy = await start_proxy(
-        mobilepay={"token_url": f"https://127.0.0.1:{unused_tcp_port}/token"}
-    )
-    status, headers, _ = await refused.request("GET", "/pos/v10/stores/s1")
+    with refusing_port() as port:
+        refused: RunningProxy = await start_proxy(
+            mobilepay={"token_url": f"https://127.0.0.1:{port}/token"}
+        )
+        status, headers, _ = await refused.request("GET", "/pos/v10/stores/s1")
     assert (status, headers["X-Proxy-Error"]) == (503, "token_unavailable")
 
 

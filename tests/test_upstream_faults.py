@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ import pytest
 
 from tests.conftest import RunningProxy
 from tests.fakes import TokenServer
+from tests.helpers.ports import refusing_port
 
 OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
@@ -122,10 +122,7 @@ async def test_upstream_faults_map_to_gateway_errors(
 
 
 async def test_refused_and_unresolvable_upstreams(start_proxy: Callable[..., Any]) -> None:
-    # Bound and never listening: a connect is refused, and no other test can take the port.
-    with socket.socket() as closed_port:
-        closed_port.bind(("127.0.0.1", 0))
-        port = closed_port.getsockname()[1]
+    with refusing_port() as port:
         refused: RunningProxy = await start_proxy(
             mobilepay={"api_base_url": f"https://127.0.0.1:{port}"}
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 
 import aiohttp
 from yarl import URL
@@ -26,13 +28,25 @@ def host_port(url: str) -> tuple[str, int]:
 def unused_port() -> int:
     """A port free at this moment, for a server that cannot bind port 0 and say which it got.
 
-    Only redis-server needs one; its caller retries with another port when the server
-    reports the port taken, so nothing depends on it staying free.
+    redis-server needs one (its caller retries with another port when the server reports
+    the port taken), and so does the compose stack run natively (tests/test_stack.py),
+    whose services are told each other's addresses before any of them starts, as Compose
+    tells them names; there a taken port fails the start-up, loudly.
     """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port bound and never listening: every connect to it is refused, and no
+    other test can take it while the block runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port
 
 
 async def refuses_connections(url: str) -> bool:

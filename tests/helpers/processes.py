@@ -153,19 +153,28 @@ class Processes:
         return Proxy(running, http_url(match[1]), http_url(match[2]))
 
     def run(
-        self, *args: str | Path, env: Mapping[str, str] | None = None, cwd: Path = ROOT
+        self,
+        *args: str | Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = ROOT,
+        seconds: float = 30.0,
     ) -> subprocess.CompletedProcess[str]:
-        """Run to the end (30 s at most); its output goes to the guard."""
-        result = subprocess.run(
-            [str(arg) for arg in args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=cwd,
-            env=child_environ(env),
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        """Run to the end (``seconds`` at most, else TimeoutExpired); its output goes to the
+        guard, a program that timed out included."""
+        try:
+            result = subprocess.run(
+                [str(arg) for arg in args],
+                capture_output=True,
+                text=True,
+                timeout=seconds,
+                cwd=cwd,
+                env=child_environ(env),
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            self.exposure.texts += [_text(exc.stdout), _text(exc.stderr)]
+            raise
         self.exposure.texts += [result.stdout, result.stderr]
         return result
 
@@ -177,3 +186,9 @@ class Processes:
     async def close(self) -> None:
         for running in reversed(self._running):
             await running.stop()
+
+
+def _text(output: str | bytes | None) -> str:
+    if isinstance(output, bytes):
+        return output.decode(errors="replace")
+    return output or ""
