@@ -68,10 +68,11 @@ COVERAGE_FLOOR := 94
 # Lint, the whole suite under coverage, then the HTTP layer against the newest aiohttp.
 test: lint coverage test-newest-aiohttp
 
-# The fast loop: every test not marked slow. pytest exits non-zero when a test fails and
+# The fast loop: every test not marked slow, in two processes (pytest-xdist; each has its
+# own servers on port 0, so they cannot meet). pytest exits non-zero when a test fails and
 # with 5 when it collected nothing; both fail make.
 test-fast: test-tools $(BIN)/.installed
-	$(BIN)/pytest -p no:cacheprovider
+	$(BIN)/pytest -p no:cacheprovider -n 2
 
 # The whole suite once, slow end-to-end, soak and shutdown tests included, measured in
 # every Python process it starts; then a report per file and the floor.
