@@ -62,8 +62,8 @@ test-tools:
 # How long the soak test runs within make test (its own default is 60 s).
 SOAK_SECONDS ?= 30
 # The lowest total coverage of proxy/ (the simulator aside, branches included) that
-# `make coverage` accepts: measured at 94.9 % (96 % of statements).
-COVERAGE_FLOOR := 94
+# `make coverage` accepts: measured at 95.3 % (96.6 % of statements).
+COVERAGE_FLOOR := 95
 
 # Lint, the whole suite under coverage, then the HTTP layer against the newest aiohttp.
 test: lint coverage test-newest-aiohttp
