@@ -1,0 +1,154 @@
+"""``python -m benchmarks.versus REV``: this tree against an earlier revision, alternated.
+
+The same upstream and nginx as ``make bench``; the proxy of the working tree and the proxy
+of ``REV`` (extracted with ``git archive``, run with this virtualenv's packages) take turns
+under ``wrk -t2 -c32``, nginx in the rotation as the reference. Prints throughput and CPU
+time per request of each run, then the medians and their ratios. CPU time per request is
+the steadier figure on a shared machine: a neighbour that slows the machine down stretches
+both proxies' runs, but costs neither of them CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import load
+from benchmarks.scenarios import rotated
+from benchmarks.services import CpuLayout, Service, free_port, start, wait_until_ok
+from benchmarks.stack import (
+    MERCHANT_HEADER,
+    PAYMENT_PATH,
+    PROJECT_ROOT,
+    merchants,
+    mobilepay_proxy_conf,
+    running_stack,
+)
+
+MERCHANT_COUNT = 10_000
+WARM_UP_SECONDS = 2.0
+
+
+@dataclass
+class Runs:
+    rps: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)  # CPU time per request, µs
+
+
+def extract(revision: str, directory: Path) -> Path:
+    """The revision's files in ``directory``; raises if git does not know the revision."""
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", revision],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    return directory
+
+
+def start_revision(
+    tree: Path, directory: Path, upstream_port: int, ca_file: Path, cpus: tuple[int, ...]
+) -> tuple[Service, int]:
+    """The revision's proxy (its ``proxy/`` first on the path), once it is healthy."""
+    port, metrics_port = free_port(), free_port()
+    config = mobilepay_proxy_conf(
+        directory,
+        port=port,
+        metrics_port=metrics_port,
+        upstream_port=upstream_port,
+        ca_file=ca_file,
+        merchant_rows=merchants("shop", MERCHANT_COUNT),
+    )
+    # ``-c`` puts the working directory, the extracted tree, first on sys.path.
+    code = "import sys; from proxy.cli import main; sys.exit(main())"
+    argv = [sys.executable, "-c", code, "--config", str(config), "--log-level", "WARNING"]
+    service = start("revision", argv, log=directory / "proxy.log", cpus=cpus, cwd=tree)
+    try:
+        wait_until_ok(service, f"http://127.0.0.1:{metrics_port}/healthz")
+    except BaseException:
+        service.stop()
+        raise
+    return service, port
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.versus", description=__doc__)
+    parser.add_argument("revision", help="the git revision to compare with, e.g. HEAD~5")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    options = parser.parse_args(argv)
+
+    layout = CpuLayout.for_this_machine(pin=True)
+    layout.pin_this_process()
+    with tempfile.TemporaryDirectory(prefix="mobilepay-versus-") as name:
+        directory = Path(name)
+        tree = extract(options.revision, directory / "tree")
+        rows = merchants("shop", MERCHANT_COUNT)
+        with running_stack(directory / "stack", layout, rows) as stack:
+            before, port = start_revision(
+                tree, directory / "revision", stack.upstream_port, stack.tls.ca_cert, layout.proxy
+            )
+            try:
+                services = {
+                    "nginx": stack.proxies["nginx"],
+                    options.revision: before,
+                    "this tree": stack.proxies["proxy"],
+                }
+                urls = {
+                    "nginx": stack.url("nginx"),
+                    options.revision: f"http://127.0.0.1:{port}{PAYMENT_PATH}",
+                    "this tree": stack.url("proxy"),
+                }
+                script = load.write_wrk_script(
+                    directory / "wrk.lua", MERCHANT_HEADER, stack.merchant_key
+                )
+                for url in urls.values():
+                    load.run_wrk(url, script, seconds=WARM_UP_SECONDS, cpus=layout.load)
+                runs = {label: Runs() for label in urls}
+                for round_number in range(options.rounds):
+                    for label in rotated(list(urls), round_number):
+                        cpu_before = services[label].cpu_seconds()
+                        result = load.run_wrk(
+                            urls[label], script, seconds=options.seconds, cpus=layout.load
+                        )
+                        cpu = services[label].cpu_seconds() - cpu_before
+                        runs[label].rps.append(result.rps)
+                        runs[label].cpu_us.append(cpu / max(result.requests, 1) * 1e6)
+                        print(
+                            f"round {round_number + 1}/{options.rounds} {label:>12}: "
+                            f"{result.rps:8,.0f} req/s {runs[label].cpu_us[-1]:6.1f} µs CPU/req"
+                            f" (non-2xx {result.non_2xx}, socket errors {result.socket_errors})",
+                            flush=True,
+                        )
+            finally:
+                before.stop()
+    _summary(runs, options.revision)
+    return 0
+
+
+def _summary(runs: dict[str, Runs], revision: str) -> None:
+    rps = {label: statistics.median(r.rps) for label, r in runs.items()}
+    cpu = {label: statistics.median(r.cpu_us) for label, r in runs.items()}
+    print()
+    for label in runs:
+        print(
+            f"{label:>12}: median {rps[label]:8,.0f} req/s ({rps[label] / rps['nginx']:.3f}x "
+            f"nginx), {cpu[label]:6.1f} µs CPU/req"
+        )
+    print(
+        f"this tree against {revision}: throughput {rps['this tree'] / rps[revision]:.3f}x, "
+        f"CPU per request {cpu['this tree'] / cpu[revision]:.3f}x"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
