@@ -10,12 +10,11 @@ import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from redis import asyncio as aioredis
-from redis.exceptions import RedisError
 
 from proxy.config import Config, ConfigError
 from proxy.edge import Handler
@@ -25,9 +24,11 @@ from proxy.messages import Reply, Request
 from proxy.metrics import Metrics
 from proxy.tokens.fetcher import TokenFetcher
 from proxy.tokens.manager import TokenManager
-from proxy.tokens.shared import RedisTokenStore
 from proxy.tokens.store import MemoryTokenStore
 from proxy.upstream import UpstreamClient, create_session, tls_context
+
+if TYPE_CHECKING:
+    from proxy.tokens.shared import RedisTokenStore
 
 
 @dataclass(slots=True)
@@ -117,6 +118,11 @@ def validate(config: Config) -> None:
         ) from None
     store = config.tokens.store
     if store is not None:
+        # Loaded only for a shared store, as in _shared_store: redis-py and cryptography
+        # cost a process about 15 MB of memory.
+        from redis import asyncio as aioredis
+        from redis.exceptions import RedisError
+
         # The client's own URL parser, and a connection object built (not connected) from
         # it: unknown or malformed query options fail here, not at the first token.
         try:
@@ -133,6 +139,9 @@ def validate(config: Config) -> None:
 def _shared_store(config: Config, metrics: Metrics) -> RedisTokenStore | None:
     if config.tokens.store is None:
         return None
+    # Here, not at the top: without a shared store neither redis-py nor cryptography loads.
+    from proxy.tokens.shared import RedisTokenStore
+
     return RedisTokenStore(
         config.tokens.store, config.mobilepay.client_id, config.mobilepay.client_secret, metrics
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,3 +310,26 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(
     assert "stopped" in proxy.running.lines[-1]
     for secret in (*SECRET_VALUES, IBM_CLIENT_ID, *pos_server.tokens.issued):
         assert secret not in proxy.running.output
+
+
+# Run in a fresh interpreter: the modules a proxy loads to start, and a check of its file.
+_LOADED_FOR = """
+import sys
+import proxy.server, proxy.workers
+from proxy.cli import main
+code = main(["check-config", "--config", sys.argv[1]])
+print(code, *sorted({name.partition(".")[0] for name in sys.modules} & {"redis", "cryptography"}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("store", "expected"),
+    [(None, "0"), ("redis://127.0.0.1:6390/0", "0 cryptography redis")],
+)
+def test_the_redis_client_is_loaded_only_for_a_shared_store(
+    tmp_path: Path, ca_file: Path, processes: Processes, store: str | None, expected: str
+) -> None:
+    # Importing redis-py and cryptography costs about 15 MB of memory a process.
+    config = _config(tmp_path, ca_file, tokens={"store": store})
+    result = processes.run(sys.executable, "-c", _LOADED_FOR, config)
+    assert result.stdout.splitlines()[-1] == expected, result.stderr
