@@ -223,6 +223,9 @@ merchants_file = "{csv_path.name}"
     return config
 
 
+_MAIN = "import sys; from proxy.cli import main; sys.exit(main())"
+
+
 def _proxy_command() -> list[str]:
     script = Path(sys.executable).with_name("mobilepay-proxy")
     return [str(script)] if script.exists() else [sys.executable, "-m", "proxy"]
@@ -247,10 +250,13 @@ def start_mobilepay_proxy(
     merchant_rows: Sequence[tuple[str, str]],
     cpus: Sequence[int],
     log_level: str = "WARNING",
+    tree: Path | None = None,
 ) -> MobilePayProxy:
     """Start ``mobilepay-proxy`` and wait for /healthz; no request goes through it yet.
 
     At the default WARNING it writes no access lines, as nginx with ``access_log off``.
+    With ``tree``, the ``proxy/`` package in that directory runs instead of the installed
+    one (with the installed dependencies): another revision, for ``benchmarks.versus``.
     """
     port, metrics_port = free_port(), free_port()
     config = mobilepay_proxy_conf(
@@ -261,8 +267,10 @@ def start_mobilepay_proxy(
         ca_file=ca_file,
         merchant_rows=merchant_rows,
     )
-    argv = [*_proxy_command(), "--config", str(config), "--log-level", log_level]
-    service = start("mobilepay-proxy", argv, log=directory / "proxy.log", cpus=cpus)
+    # ``-c`` puts the working directory, the other tree, first on sys.path.
+    command = _proxy_command() if tree is None else [sys.executable, "-c", _MAIN]
+    argv = [*command, "--config", str(config), "--log-level", log_level]
+    service = start("mobilepay-proxy", argv, log=directory / "proxy.log", cpus=cpus, cwd=tree)
     try:
         wait_until_ok(service, f"http://127.0.0.1:{metrics_port}/healthz")
     except BaseException:

@@ -14,7 +14,6 @@ import argparse
 import io
 import statistics
 import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
@@ -22,14 +21,14 @@ from pathlib import Path
 
 from benchmarks import load
 from benchmarks.scenarios import rotated
-from benchmarks.services import CpuLayout, Service, free_port, start, wait_until_ok
+from benchmarks.services import CpuLayout
 from benchmarks.stack import (
     MERCHANT_HEADER,
     PAYMENT_PATH,
     PROJECT_ROOT,
     merchants,
-    mobilepay_proxy_conf,
     running_stack,
+    start_mobilepay_proxy,
 )
 
 MERCHANT_COUNT = 10_000
@@ -55,31 +54,6 @@ def extract(revision: str, directory: Path) -> Path:
     return directory
 
 
-def start_revision(
-    tree: Path, directory: Path, upstream_port: int, ca_file: Path, cpus: tuple[int, ...]
-) -> tuple[Service, int]:
-    """The revision's proxy (its ``proxy/`` first on the path), once it is healthy."""
-    port, metrics_port = free_port(), free_port()
-    config = mobilepay_proxy_conf(
-        directory,
-        port=port,
-        metrics_port=metrics_port,
-        upstream_port=upstream_port,
-        ca_file=ca_file,
-        merchant_rows=merchants("shop", MERCHANT_COUNT),
-    )
-    # ``-c`` puts the working directory, the extracted tree, first on sys.path.
-    code = "import sys; from proxy.cli import main; sys.exit(main())"
-    argv = [sys.executable, "-c", code, "--config", str(config), "--log-level", "WARNING"]
-    service = start("revision", argv, log=directory / "proxy.log", cpus=cpus, cwd=tree)
-    try:
-        wait_until_ok(service, f"http://127.0.0.1:{metrics_port}/healthz")
-    except BaseException:
-        service.stop()
-        raise
-    return service, port
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.versus", description=__doc__)
     parser.add_argument("revision", help="the git revision to compare with, e.g. HEAD~5")
@@ -94,9 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         tree = extract(options.revision, directory / "tree")
         rows = merchants("shop", MERCHANT_COUNT)
         with running_stack(directory / "stack", layout, rows) as stack:
-            before, port = start_revision(
-                tree, directory / "revision", stack.upstream_port, stack.tls.ca_cert, layout.proxy
+            revision = start_mobilepay_proxy(
+                directory / "revision",
+                upstream_port=stack.upstream_port,
+                ca_file=stack.tls.ca_cert,
+                merchant_rows=rows,
+                cpus=layout.proxy,
+                tree=tree,
             )
+            before = revision.service
             try:
                 services = {
                     "nginx": stack.proxies["nginx"],
@@ -105,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 urls = {
                     "nginx": stack.url("nginx"),
-                    options.revision: f"http://127.0.0.1:{port}{PAYMENT_PATH}",
+                    options.revision: f"http://127.0.0.1:{revision.port}{PAYMENT_PATH}",
                     "this tree": stack.url("proxy"),
                 }
                 script = load.write_wrk_script(
