@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from collections.abc import Callable
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -190,33 +188,6 @@ async def test_a_401_storm_costs_one_forced_fetch(
     )
     assert [status for status, _, _ in results] == [200] * 100
     assert token_server.count() == 2
-
-
-@pytest.mark.slow
-async def test_token_is_refreshed_ahead_of_expiry_in_the_background(
-    start_proxy: Callable[..., Any], pos_server: PosServer, token_server: TokenServer
-) -> None:
-    token_server.lifetime = 4  # margin 0.4 s, refresh 1 s before that: refresh due at 2.6 s
-    token_server.expires_in = 4
-    proxy: RunningProxy = await start_proxy()
-    assert (await proxy.request("GET", "/pos/v10/stores/s1"))[0] == 200
-    await asyncio.sleep(2.8)
-    token_server.delay = 0.5
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    assert (await proxy.request("GET", "/pos/v10/stores/s1"))[0] == 200
-    assert loop.time() - started < 0.4, "a routine refresh made the terminal wait"
-    assert pos_server.requests[-1].headers["Authorization"].endswith(token_server.issued[0])
-    await asyncio.sleep(0.7)
-    assert token_server.count() == 2
-    assert (await proxy.request("GET", "/pos/v10/stores/s1"))[0] == 200
-    assert pos_server.requests[-1].headers["Authorization"].endswith(token_server.issued[1])
-    assert (
-        proxy.sample(
-            "mobilepay_proxy_token_refreshes_total", {"reason": "expiring", "result": "success"}
-        )
-        == 1
-    )
 
 
 async def test_relays_status_headers_and_raw_body(
