@@ -391,8 +391,10 @@ def _secret(
         secret_path = _resolve(base_dir, file_name)
         try:
             value = secret_path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError):
-            raise ConfigError(f"[mobilepay] {key}_file: cannot read {secret_path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"[mobilepay] {key}_file: cannot read {secret_path}: {_unreadable(exc)}"
+            ) from None
         if not value:
             raise ConfigError(f"[mobilepay] {key}_file: {secret_path} is empty")
         return value
@@ -418,6 +420,8 @@ def _parse_mobilepay(table: _Table, base_dir: Path, environ: Mapping[str, str]) 
         raise ConfigError("[mobilepay] api_base_url must be a bare origin such as https://host")
     ca_name = table.string("ca_file")
     ca_file = _resolve(base_dir, ca_name) if ca_name else None
+    if ca_file is not None and ca_file.is_dir():
+        raise ConfigError(f"[mobilepay] ca_file: {ca_file} is a directory, not a PEM file")
     if ca_file is not None and not ca_file.is_file():
         raise ConfigError(f"[mobilepay] ca_file: {ca_file} does not exist")
     config = MobilePayConfig(
@@ -545,8 +549,10 @@ def _parse_store(
         path = _resolve(base_dir, password_file)
         try:
             password = path.read_text(encoding="utf-8").strip() or None
-        except (OSError, UnicodeDecodeError):
-            raise ConfigError(f"[tokens] redis_password_file: cannot read {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"[tokens] redis_password_file: cannot read {path}: {_unreadable(exc)}"
+            ) from None
     if not re.fullmatch(r"[A-Za-z0-9._:-]{1,64}", prefix):
         raise ConfigError("[tokens] redis_prefix must be 1-64 letters, digits, '.', '_', ':', '-'")
     return RedisStoreConfig(
@@ -638,13 +644,22 @@ def _merchant(where: str, key: str, vat: object, networks: list[str]) -> Merchan
     return Merchant(key=key, vat=vat, networks=tuple(parsed))
 
 
+def _unreadable(exc: OSError | UnicodeDecodeError) -> str:
+    """Why a file could not be read, never quoting what is in it (it may hold a secret)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return exc.strerror or type(exc).__name__
+
+
 def _read_merchants_csv(path: Path) -> list[Merchant]:
     """Read ``key,vat[,networks]`` rows; ``networks`` holds space-separated CIDRs."""
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.reader(handle))
-    except (OSError, UnicodeDecodeError):
-        raise ConfigError(f"[routing] merchants_file: cannot read {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"[routing] merchants_file: cannot read {path}: {_unreadable(exc)}"
+        ) from None
     if not rows or [cell.strip().lower() for cell in rows[0][:2]] != ["key", "vat"]:
         raise ConfigError(f"{path}: the first line must be the header key,vat[,networks]")
     has_networks = len(rows[0]) > 2 and rows[0][2].strip().lower() == "networks"

@@ -106,6 +106,18 @@ NOT_A_CA = "this is not a certificate\n"
             id="redis-bad-database",
         ),
         pytest.param(
+            {"mobilepay.ca_file": "."},
+            None,
+            "is a directory, not a PEM file",
+            id="ca-a-directory",
+        ),
+        pytest.param(
+            {"mobilepay.ca_file": "absent.pem"},
+            None,
+            "absent.pem does not exist",
+            id="ca-missing",
+        ),
+        pytest.param(
             {"mobilepay.client_secret_file": "absent.txt"},
             None,
             "[mobilepay] client_secret_file: cannot read",

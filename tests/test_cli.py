@@ -161,8 +161,14 @@ async def test_a_taken_port_is_one_line_and_exit_1(
         (
             {},
             {"mobilepay": {"client_secret_file": "absent.txt"}},
+            "absent.txt: No such file or directory",
+        ),
+        (
+            {},
+            {"mobilepay": {"client_secret_file": "latin1.txt"}},
             "client_secret_file: cannot read",
         ),
+        ({}, {"mobilepay": {"client_secret_file": "."}}, ": Is a directory"),
         (
             {},
             {"tokens": {"backoff_initial_seconds": 5, "backoff_max_seconds": 1}},
@@ -179,6 +185,7 @@ async def test_a_taken_port_is_one_line_and_exit_1(
             {"tokens": {"store": "redis://127.0.0.1:1/0", "redis_password_file": "absent"}},
             "[tokens] redis_password_file: cannot read",
         ),
+        ({}, {"routing": {"merchants_file": "latin1.txt"}}, "merchants_file: cannot read"),
         ({}, {"server": 1}, "[server] must be a table"),
     ],
 )
@@ -191,6 +198,8 @@ def test_bad_config_is_one_clear_line_and_exit_2(
     expected: str,
 ) -> None:
     (tmp_path / "empty.txt").write_text("\n")
+    # Not UTF-8: the message says so and quotes none of it.
+    (tmp_path / "latin1.txt").write_bytes("s\xe6cret-p\xe5ssword\n".encode("latin-1"))
     routing = {"merchants": {"store-001": "DK10000001", **merchants}, **sections.pop("routing", {})}
     config = _config(tmp_path, ca_file, routing=routing, **sections)
     for command in (["check-config"], []):
@@ -198,6 +207,10 @@ def test_bad_config_is_one_clear_line_and_exit_2(
         assert result.returncode == 2, result.stderr
         (line,) = result.stderr.splitlines()
         assert line.startswith(CONFIG_ERROR)
+        if "latin1.txt" in line:
+            assert line.endswith(": not UTF-8 text"), line
+            assert "0xe6" not in line
+            assert "cret" not in line.rpartition("latin1.txt")[2]
         assert expected in line
         assert result.stdout == ""
         _assert_no_secret(result.stderr)
