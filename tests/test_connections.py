@@ -448,6 +448,7 @@ async def test_bad_request_after_a_good_one_gets_json_400_and_a_close(
     assert [r.path_qs for r in pos_server.requests] == ["/pos/v10/payments/1"]
 
 
+@pytest.mark.slow  # waits out deadlines of about a second
 async def test_a_second_request_head_trickling_in_is_cut_off(
     start_proxy: Callable[..., Any], pos_server: PosServer, connect: Connect
 ) -> None:

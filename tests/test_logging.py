@@ -211,6 +211,7 @@ async def test_the_flag_beats_the_environment_which_beats_the_file(
     assert _json_lines(lines, exposure)
 
 
+@pytest.mark.slow  # a proxy process, 250 requests and a drain
 async def test_every_answered_request_has_its_access_line_after_sigterm(
     tmp_path: Path,
     ca_file: Path,

@@ -121,6 +121,7 @@ def _slow_first_answer(peer: Peer) -> None:
         peer.send(OK)
 
 
+@pytest.mark.slow  # waits out deadlines of about a second
 async def test_a_request_waiting_for_the_pool_past_its_deadline_is_503(
     start_proxy: Callable[..., Any], server_tls: ssl.SSLContext
 ) -> None:
@@ -141,6 +142,7 @@ async def test_a_request_waiting_for_the_pool_past_its_deadline_is_503(
     assert b"/payments/2" not in requests[0]
 
 
+@pytest.mark.slow  # waits out deadlines of about a second
 async def test_a_queued_request_whose_deadline_passed_is_never_sent(
     start_proxy: Callable[..., Any], server_tls: ssl.SSLContext, token_server: TokenServer
 ) -> None:
@@ -185,6 +187,7 @@ async def test_a_queued_request_whose_deadline_passed_is_never_sent(
     assert timeouts(proxy, "pool_wait") == 0
 
 
+@pytest.mark.slow  # waits out deadlines of about a second
 async def test_the_overall_deadline_bounds_the_token_wait(
     start_proxy: Callable[..., Any], token_server: TokenServer
 ) -> None:
