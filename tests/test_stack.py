@@ -50,7 +50,8 @@ from tests.deployment_files import ROOT, Compose, Stage, exec_form, run_flags, s
 from tests.helpers.ports import unused_port
 from tests.helpers.processes import MACHINE_ENVIRON
 
-pytestmark = pytest.mark.slow
+# Installs the image's packages and starts the whole stack: 80-100 s, more on a busy machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 LOOPBACK = "127.0.0.1"
 WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
