@@ -123,3 +123,21 @@ async def test_a_held_token_keeps_serving_while_refreshes_fail(
             lambda: managed.refreshes("failure") == token_server.count() - 1, "attempts ended"
         )
     assert 2 <= token_server.count() <= 5
+
+
+async def test_the_time_a_token_response_takes_is_not_counted_as_its_life(
+    managed: Managed, token_server: TokenServer
+) -> None:
+    manager, clock = managed.manager, managed.clock
+    asked_at = clock.now
+    quick = await manager.get(VAT)
+
+    async def slow(request: web.Request) -> None:
+        clock.now += 20  # the endpoint takes 20 s to answer
+
+    token_server.fault = slow
+    asked_at_slowly = clock.now
+    slow_token = await manager.get("DK10000002")
+    # The issuer's lifetime starts no earlier than the request: the 20 s are not extra life.
+    assert slow_token.expires_at - asked_at_slowly == quick.expires_at - asked_at
+    assert slow_token.refresh_at - asked_at_slowly == quick.refresh_at - asked_at

@@ -423,7 +423,9 @@ class TokenManager:
 
     async def _fetch(self, vat: str, state: _MerchantState, reason: str, generation: int) -> Token:
         """One call to MobilePay's token endpoint."""
-        started = self._clock()
+        # The issuer's clock starts the token's life no earlier than this request: a slow
+        # answer must not pass for extra life.
+        started, wall_started = self._clock(), time.time()
         try:
             fetched = await self._fetcher.fetch(vat)
         except TokenFetchError as exc:
@@ -441,9 +443,9 @@ class TokenManager:
             vat=vat,
             generation=generation,
             obtained_at=now,
-            refresh_at=now + lifetime - margin - ahead,
-            expires_at=now + lifetime - margin,
-            wall_expires_at=time.time() + lifetime - margin,
+            refresh_at=started + lifetime - margin - ahead,
+            expires_at=started + lifetime - margin,
+            wall_expires_at=wall_started + lifetime - margin,
             fingerprint=fingerprint(fetched.value),
         )
         self._succeeded(state)
