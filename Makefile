@@ -62,7 +62,7 @@ test-tools:
 # How long the soak test runs within make test (its own default is 60 s).
 SOAK_SECONDS ?= 30
 # The lowest total coverage of proxy/ (the simulator aside, branches included) that
-# `make coverage` accepts: measured at 95.3 % (96.6 % of statements).
+# `make coverage` accepts: measured at 95.5 % (96.8 % of statements).
 COVERAGE_FLOOR := 95
 
 # Lint, the whole suite under coverage, then the HTTP layer against the newest aiohttp.
