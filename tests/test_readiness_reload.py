@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,9 @@ from tests.conftest import MERCHANTS, RunningProxy
 from tests.fakes import PosServer, TokenServer
 from tests.helpers.configs import proxy_config, write_config
 from tests.helpers.processes import Processes
+from tests.helpers.waiting import eventually
+
+RELOAD_REJECTED = re.compile("reload rejected, the running configuration stays in force")
 
 
 async def _readyz(proxy: RunningProxy) -> tuple[int, dict[str, Any]]:
@@ -61,7 +65,11 @@ async def test_unready_while_the_token_service_keeps_failing(
     token_server.fault = failing
     assert (await proxy.request("GET", "/pos/v10/stores/s1"))[0] == 503
     assert (await _readyz(proxy))[0] == 200  # not failing for long enough yet
-    await asyncio.sleep(0.4)
+
+    async def unready() -> bool:
+        return (await _readyz(proxy))[0] == 503
+
+    await eventually(unready, "unready once failing for 0.3 s")
     status, body = await _readyz(proxy)
     assert status == 503
     assert body["token_service"]["failing_for_seconds"] >= 0.3
@@ -107,7 +115,7 @@ async def test_sighup_reloads_the_merchant_map(
             assert await call("store-001") == 200
             assert await call("store-002") == 200
             in_flight = asyncio.create_task(call("store-002", "?sleep=1"))
-            await asyncio.sleep(0.3)
+            await eventually(lambda: len(pos_server.requests) == 3, "the slow request sent")
             # store-002 leaves, store-003 arrives.
             write("store-003", "DK10000003")
             process.signal(signal.SIGHUP)
@@ -126,7 +134,7 @@ async def test_sighup_reloads_the_merchant_map(
             # An invalid file is rejected; the running map stays.
             write("store-004", "NOTAVAT")
             process.signal(signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            await process.line(RELOAD_REJECTED)
             assert await call("store-003") == 200
             assert await call("store-001") == 200
         process.signal(signal.SIGTERM)

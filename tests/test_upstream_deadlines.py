@@ -14,6 +14,7 @@ from aiohttp import web
 
 from tests.conftest import RunningProxy
 from tests.fakes import PosServer, TokenServer
+from tests.helpers.waiting import eventually
 from tests.scripted_upstream import Peer, scripted_upstream
 
 EARLY_400 = (
@@ -206,7 +207,7 @@ async def test_the_overall_deadline_bounds_the_token_wait(
     assert b"message" in body
     assert timeouts(proxy, "request_deadline") == 1
     # The fetch itself goes on: the next request finds the token.
-    await asyncio.sleep(0.9)
+    await eventually(lambda: len(token_server.issued) == 1, "the token issued")
     status, _, _ = await proxy.request("GET", "/pos/v10/payments/1")
     assert status == 200
     assert token_server.count() == 1
