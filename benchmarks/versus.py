@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks import load
-from benchmarks.scenarios import rotated
+from benchmarks.scenarios import Settings, rotated
 from benchmarks.services import CpuLayout
 from benchmarks.stack import (
     MERCHANT_HEADER,
@@ -31,7 +31,6 @@ from benchmarks.stack import (
     start_mobilepay_proxy,
 )
 
-MERCHANT_COUNT = 10_000
 WARM_UP_SECONDS = 2.0
 
 
@@ -60,13 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=10.0)
     options = parser.parse_args(argv)
+    # make bench's own settings: the same merchants and wrk connections.
+    settings = Settings(
+        rounds=options.rounds,
+        seconds=options.seconds,
+        warm_up_seconds=WARM_UP_SECONDS,
+        drift_seconds=None,
+    )
 
     layout = CpuLayout.for_this_machine(pin=True)
     layout.pin_this_process()
     with tempfile.TemporaryDirectory(prefix="mobilepay-versus-") as name:
         directory = Path(name)
         tree = extract(options.revision, directory / "tree")
-        rows = merchants("shop", MERCHANT_COUNT)
+        rows = merchants("store", settings.merchants)
         with running_stack(directory / "stack", layout, rows) as stack:
             revision = start_mobilepay_proxy(
                 directory / "revision",
@@ -92,19 +98,24 @@ def main(argv: list[str] | None = None) -> int:
                     directory / "wrk.lua", MERCHANT_HEADER, stack.merchant_key
                 )
                 for url in urls.values():
-                    load.run_wrk(url, script, seconds=WARM_UP_SECONDS, cpus=layout.load)
+                    load.run_wrk(url, script, seconds=settings.warm_up_seconds, cpus=layout.load)
                 runs = {label: Runs() for label in urls}
-                for round_number in range(options.rounds):
+                for round_number in range(settings.rounds):
                     for label in rotated(list(urls), round_number):
                         cpu_before = services[label].cpu_seconds()
                         result = load.run_wrk(
-                            urls[label], script, seconds=options.seconds, cpus=layout.load
+                            urls[label],
+                            script,
+                            seconds=settings.seconds,
+                            threads=settings.saturation_threads,
+                            connections=settings.saturation_connections,
+                            cpus=layout.load,
                         )
                         cpu = services[label].cpu_seconds() - cpu_before
                         runs[label].rps.append(result.rps)
                         runs[label].cpu_us.append(cpu / max(result.requests, 1) * 1e6)
                         print(
-                            f"round {round_number + 1}/{options.rounds} {label:>12}: "
+                            f"round {round_number + 1}/{settings.rounds} {label:>12}: "
                             f"{result.rps:8,.0f} req/s {runs[label].cpu_us[-1]:6.1f} µs CPU/req"
                             f" (non-2xx {result.non_2xx}, socket errors {result.socket_errors})",
                             flush=True,
