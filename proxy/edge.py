@@ -692,15 +692,16 @@ def _encoded(
 ) -> tuple[bytes, BodyBytes]:
     """The reply's head, and its body as it is.
 
-    Header values pass through as the upstream sent them (latin-1).
+    Relayed header lines pass through as the upstream sent them; the proxy's own are latin-1.
     """
     status = reply.status
     body = reply.body
-    # HTTP/1.1 even to an HTTP/1.0 terminal: the highest version the proxy speaks (RFC 9110 2.5).
-    lines = [f"HTTP/1.1 {status} {reply.reason or _REASONS.get(status, '')}\r\n"]
     headers = reply.headers
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-    if "Date" not in headers:
+    relayed = reply.relayed
+    # HTTP/1.1 even to an HTTP/1.0 terminal: the highest version the proxy speaks (RFC 9110 2.5).
+    start = f"HTTP/1.1 {status} {reply.reason or _REASONS.get(status, '')}\r\n"
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if (relayed is None or not relayed.dated) and "Date" not in headers:
         lines.append(_date_line(int(time.time())))
     if status >= 200 and status not in (204, 304):
         lines.append(f"Content-Length: {memoryview(body).nbytes}\r\n")
@@ -709,7 +710,9 @@ def _encoded(
     elif version < (1, 1):
         lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
-    head = "".join(lines).encode("latin-1")
+    if relayed is None:
+        return (start + "".join(lines)).encode("latin-1"), body
+    head = b"".join((start.encode("latin-1"), relayed.lines, "".join(lines).encode("latin-1")))
     return head, body
 
 

@@ -18,7 +18,7 @@ from proxy.errors import (
     RequestDeadlineExceeded,
     UnsupportedUpgrade,
 )
-from proxy.headers import request_strip_set, response_headers, upstream_request_headers
+from proxy.headers import relayed_head, request_strip_set, upstream_request_headers
 from proxy.http1 import Response as UpstreamResponse
 from proxy.logs import AccessEntry, AccessLog
 from proxy.messages import Reply, Request, error_reply
@@ -193,9 +193,13 @@ class Forwarder:
             outcome.mobilepay_correlation_id = mobilepay_correlation_id(
                 upstream.status, upstream.headers, upstream.body
             )
-        headers = response_headers(upstream.headers)
-        headers[REQUEST_ID_HEADER] = outcome.request_id
-        return Reply(upstream.status, upstream.reason, headers, upstream.body)
+        return Reply(
+            upstream.status,
+            upstream.reason,
+            CIMultiDict({REQUEST_ID_HEADER: outcome.request_id}),
+            upstream.body,
+            relayed=relayed_head(upstream.fields, upstream.names),
+        )
 
     async def _replay_after_401(
         self,

@@ -1,6 +1,12 @@
-"""Header hygiene as pure functions over multidicts: strip first, inject last."""
+"""Header hygiene as pure functions: strip first, inject last.
+
+Requests are rewritten as multidicts; responses are relayed from their raw fields.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
@@ -42,9 +48,11 @@ PROXY_OWNED = frozenset(
     }
 )
 
-# Framing of the relayed response is recomputed for the terminal's connection, and
-# X-Proxy-Error marks the proxy's own answers only: MobilePay's errors must not pass for them.
-RESPONSE_STRIPPED = HOP_BY_HOP | {"content-length", "x-proxy-error"}
+# Framing of the relayed response is recomputed for the terminal's connection,
+# X-Proxy-Error marks the proxy's own answers only (MobilePay's errors must not pass for
+# them), and X-Request-Id is the proxy's, set on every answer.
+RESPONSE_STRIPPED = HOP_BY_HOP | {"content-length", "x-proxy-error", "x-request-id"}
+_RESPONSE_STRIPPED_BYTES = frozenset(name.encode("ascii") for name in RESPONSE_STRIPPED)
 
 
 def connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
@@ -106,13 +114,36 @@ def forwarded_for(peer: str) -> str:
     return f'for="[{peer}]"' if ":" in peer else f"for={peer}"
 
 
-def response_headers(upstream: CIMultiDict[str]) -> CIMultiDict[str]:
-    """MobilePay's end-to-end response headers, for relaying to the terminal.
+class RelayedHead(NamedTuple):
+    """MobilePay's end-to-end response header lines, serialised for the terminal."""
 
-    Strips in place: the dict was built for this one response, and a copy per request
-    showed in profiles.
+    lines: bytes
+    dated: bool  # a Date line is among them
+
+
+def relayed_head(fields: Sequence[tuple[bytes, bytes]], names: Sequence[bytes]) -> RelayedHead:
+    """The response header fields to relay to the terminal, serialised as they arrived.
+
+    ``names`` are the fields' names lower-cased, as the response parser has them already.
+    Works on the upstream's bytes rather than a multidict: decoding every field, building
+    a dict and encoding it again cost about a tenth of the proxy's CPU per request.
     """
-    stripped = RESPONSE_STRIPPED | connection_listed(upstream)
-    for name in [name for name in upstream if name.lower() in stripped]:
-        upstream.popall(name, None)
-    return upstream
+    listed = _connection_listed_bytes(fields, names)
+    stripped = _RESPONSE_STRIPPED_BYTES
+    parts: list[bytes] = []
+    for name, (raw_name, value) in zip(names, fields, strict=False):
+        if name not in stripped and name not in listed:
+            parts += (raw_name, b": ", value, b"\r\n")
+    return RelayedHead(b"".join(parts), b"date" in names)
+
+
+def _connection_listed_bytes(
+    fields: Sequence[tuple[bytes, bytes]], names: Sequence[bytes]
+) -> set[bytes]:
+    """Lower-cased names listed in the Connection fields (found by index: it is faster)."""
+    listed: set[bytes] = set()
+    position = -1
+    for _ in range(names.count(b"connection")):
+        position = names.index(b"connection", position + 1)
+        listed.update([token.strip() for token in fields[position][1].lower().split(b",")])
+    return listed

@@ -59,11 +59,24 @@ class Timeout(Exception):
         self.phase = phase
 
 
+HeaderFields = list[tuple[bytes, bytes]]
+
+
 class Response(NamedTuple):
     status: int
     reason: str
-    headers: CIMultiDict[str]  # the caller's to change
+    # The header fields as they arrived (trailers excluded), each value without its
+    # surrounding whitespace: relayed as bytes, never decoded on the way through.
+    fields: HeaderFields
+    names: list[bytes]  # the fields' names lower-cased, in the same order
     body: bytearray  # the one copy: filled as it arrived, handed on as it is
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The fields decoded (latin-1), for the few who read them; a new dict each time."""
+        return CIMultiDict(
+            [(name.decode("latin-1"), value.decode("latin-1")) for name, value in self.fields]
+        )
 
 
 class ResponseParser:
@@ -97,8 +110,8 @@ class ResponseParser:
         """
         if self._parser is None:
             self._parser = httptools.HttpResponseParser(self)
-        self._fields: list[tuple[bytes, bytes]] = []
-        self._headers: CIMultiDict[str] = CIMultiDict()
+        self._fields: HeaderFields = []
+        self._names: list[bytes] = []
         self._reason = b""
         self._status = 0
         self._in_head = True
@@ -141,8 +154,6 @@ class ResponseParser:
         except Exception as exc:  # nothing else may escape into an event loop callback
             self.close()
             raise BadResponse(f"unparseable response: {type(exc).__name__}") from None
-        if self._complete and self.response is None:
-            self._finish()
         return self._complete
 
     def feed_eof(self, *, clean: bool) -> bool:
@@ -163,7 +174,7 @@ class ResponseParser:
 
     def _finish(self) -> None:
         self.response = Response(
-            self._status, self._reason.decode("latin-1"), self._headers, self._body
+            self._status, self._reason.decode("latin-1"), self._fields, self._names, self._body
         )
 
     def _refuse(self, reason: str) -> None:
@@ -186,9 +197,10 @@ class ResponseParser:
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # a trailer field: read, not relayed
-        if len(self._fields) >= MAX_HEADERS:
+        fields = self._fields
+        if len(fields) >= MAX_HEADERS:
             self._refuse("too many response headers")
-        self._fields.append((name, value))
+        fields.append((name, value.rstrip(b" \t")))  # llhttp has dropped the leading OWS
 
     def on_headers_complete(self) -> None:
         self._progressed = True
@@ -206,25 +218,26 @@ class ResponseParser:
         if len(reason.translate(None, _CONTROLS)) != len(reason):
             self._refuse("control character in the reason phrase")  # llhttp takes NUL
         self._status = status
-        headers = self._headers = CIMultiDict(
+        fields = self._fields
+        names = self._names = [name.lower() for name, _ in fields]
+        codings = (
             [
-                (name.decode("latin-1"), value.decode("latin-1").strip(" \t"))
-                for name, value in self._fields
+                coding.strip().lower()
+                for name, (_, value) in zip(names, fields, strict=True)
+                if name == b"transfer-encoding"
+                for coding in value.split(b",")
             ]
+            if b"transfer-encoding" in names
+            else None
         )
-        codings = [
-            coding.strip().lower()
-            for value in headers.getall("Transfer-Encoding", ())
-            for coding in value.split(",")
-        ]
-        length = headers.get("Content-Length")
+        length = fields[names.index(b"content-length")][1] if b"content-length" in names else None
         if codings and (status < 200 or status in _NO_BODY):
             self._refuse("Transfer-Encoding on a response that has no body")  # RFC 9112 6.1
         if status < 200:
             if length is not None:
                 self._refuse("Content-Length on an interim response")  # RFC 9110 8.6
             return  # the real response follows
-        if codings and codings != ["chunked"]:
+        if codings and codings != [b"chunked"]:
             self._refuse("unsupported transfer coding")
         if status in _NO_BODY:
             pass
@@ -262,6 +275,7 @@ class ResponseParser:
             self._view.release()
             self._view = None
         self._complete = True
+        self._finish()
 
 
 class _Connection:

@@ -17,6 +17,7 @@ from proxy.errors import (
     ProxyError,
     RequestTimeout,
 )
+from proxy.headers import RelayedHead
 from proxy.request_ids import REQUEST_ID_HEADER, new_request_id
 
 # Any bytes-like object the transport can send without copying it first.
@@ -32,6 +33,7 @@ class Reply:
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict)
     body: BodyBytes = b""  # an upstream body as it arrived, never copied
     close: bool = False  # end the connection after this reply
+    relayed: RelayedHead | None = None  # MobilePay's header lines, written before ``headers``
 
 
 def error_reply(error: ProxyError, request_id: str | None = None) -> Reply:

@@ -7,8 +7,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.headers import (
     HOP_BY_HOP,
     PROXY_OWNED,
+    relayed_head,
     request_strip_set,
-    response_headers,
     upstream_request_headers,
 )
 
@@ -107,23 +107,28 @@ def test_ipv6_peer_is_quoted_in_forwarded() -> None:
 
 
 def test_response_hop_by_hop_and_connection_listed_are_stripped() -> None:
-    headers = response_headers(
-        CIMultiDict(
-            [
-                ("Content-Type", "application/json"),
-                ("Connection", "close, X-Internal"),
-                ("X-Internal", "secret-ish"),
-                ("Transfer-Encoding", "chunked"),
-                ("Content-Length", "10"),
-                ("Set-Cookie", "a=1"),
-                ("Set-Cookie", "b=2"),
-                ("Content-Encoding", "gzip"),
-            ]
-        )
-    )
-    assert list(headers.items()) == [
-        ("Content-Type", "application/json"),
-        ("Set-Cookie", "a=1"),
-        ("Set-Cookie", "b=2"),
-        ("Content-Encoding", "gzip"),
+    fields = [
+        (b"Content-Type", b"application/json"),
+        (b"Connection", b"close, X-Internal"),
+        (b"x-internal", b"secret-ish"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Content-Length", b"10"),
+        (b"X-Request-Id", b"upstream-own-id"),
+        (b"X-Proxy-Error", b"upstream_timeout"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Content-Encoding", b"gzip"),
     ]
+    relayed = relayed_head(fields, [name.lower() for name, _ in fields])
+    assert relayed.lines == (
+        b"Content-Type: application/json\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        b"Content-Encoding: gzip\r\n"
+    )
+    assert not relayed.dated
+
+
+def test_response_fields_pass_as_their_bytes_and_a_date_is_noticed() -> None:
+    fields = [(b"date", b"Tue, 01 Dec 2026 10:00:00 GMT"), (b"X-Note", b"caf\xe9 \x80")]
+    relayed = relayed_head(fields, [name.lower() for name, _ in fields])
+    assert relayed.lines == b"date: Tue, 01 Dec 2026 10:00:00 GMT\r\nX-Note: caf\xe9 \x80\r\n"
+    assert relayed.dated

@@ -40,10 +40,7 @@ def _proxy(pieces: list[bytes]) -> Outcome:
         return None
     response = parser.response
     assert response is not None
-    headers = tuple(
-        (name.lower().encode("latin-1"), value.encode("latin-1"))
-        for name, value in response.headers.items()
-    )
+    headers = tuple((name.lower(), value) for name, value in response.fields)
     return Parsed(response.status, headers, bytes(response.body))
 
 
