@@ -78,13 +78,14 @@ def copy_without(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMult
     a server that maps ``_`` to ``-`` (CGI style) would take ``x_ibm_client_id`` for the
     header the proxy owns, and no PoS V10 header has one.
     """
-    listed = connection_listed(headers)
-    if listed:
-        drop = drop | listed
+    if "Connection" in headers:
+        drop = drop | connection_listed(headers)
     return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if "_" not in name and name.lower() not in drop
+        [
+            (name, value)
+            for name, value in headers.items()
+            if "_" not in name and name.lower() not in drop
+        ]
     )
 
 

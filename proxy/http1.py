@@ -637,8 +637,8 @@ class ConnectionPool:
 
 def serialise_headers(method: str, host: str, headers: CIMultiDict[str], body: bytes) -> bytes:
     """The header block: Host, the given headers, Content-Length; values as aiohttp read them."""
-    lines = [f"Host: {host}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    lines.insert(0, f"Host: {host}\r\n")
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}\r\n")
     lines.append("\r\n")
