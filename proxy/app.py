@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -223,8 +223,9 @@ class _CurrentForwarder:
         assert forwarder is not None, "requests arrive only after start-up"
         return forwarder
 
-    async def handle(self, request: Request) -> Reply:
-        return await self._forwarder().handle(request)
+    def handle(self, request: Request) -> Awaitable[Reply]:
+        # The forwarder's own coroutine, not one wrapped around it: a frame less per request.
+        return self._forwarder().handle(request)
 
     def refuse(self, error: ProxyError, remote: str | None, method: str | None) -> Reply:
         return self._forwarder().refuse(error, remote, method)

@@ -42,6 +42,7 @@ import functools
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 class Handler(Protocol):
     """The pipeline behind the edge."""
 
-    async def handle(self, request: Request) -> Reply:
+    def handle(self, request: Request) -> Awaitable[Reply]:
         """The answer to a parsed request."""
 
     def refuse(self, error: ProxyError, remote: str | None, method: str | None) -> Reply:
@@ -370,7 +371,8 @@ class _Connection(asyncio.Protocol):
                 # Armed only for a head still incomplete after a read: most come whole.
                 due = self._head_began + self._config.header_timeout_seconds
                 self._arm(max(0.0, due - self._loop.time()), head=True)
-            self._end_of_input()
+            if self._eof:
+                self._end_of_input()
 
     def _room(self) -> int:
         """How many bytes the parser may be given now (0: wait)."""
@@ -546,7 +548,8 @@ class _Connection(asyncio.Protocol):
         try:
             while self._queue:
                 item = self._queue.popleft()
-                self._resume()
+                if self._unfed is not None:
+                    self._resume()
                 if isinstance(item, _Refusal):
                     reply = self._handler.refuse(item.error, self._remote, item.method)
                     version, keep = (1, 1), False

@@ -334,11 +334,11 @@ class _Connection:
         return cls(loop, tls)
 
     async def exchange(
-        self, request: bytes, send_until: _Limit, read_seconds: float, deadline: float
+        self, request: bytes, send_seconds: float, read_seconds: float, deadline: float
     ) -> Response:
         """Send a request and wait for its whole response.
 
-        Sending must end by ``send_until``; from then on the response has ``read_seconds``
+        Sending has ``send_seconds``; from then on the response has ``read_seconds``
         (both capped by ``deadline``). A complete response that arrives while the request is
         still being sent ends the sending: the upstream has answered without reading it all.
         """
@@ -356,6 +356,7 @@ class _Connection:
             written = self._send_now(request)
             sent = written is True
             if written is False and not waiter.done():
+                send_until = _limit(self._loop, send_seconds, "upstream_send", deadline)
                 timer = self._loop.call_at(send_until.at, self._time_out, waiter, send_until.phase)
                 sent = await self._send(waiter)
                 timer.cancel()
@@ -576,8 +577,9 @@ class ConnectionPool:
             connection = self._idle_connection(host, port)
             if connection is None:
                 connection = await self._connect(loop, host, port, deadline)
-            send_until = _limit(loop, self._send_timeout, "upstream_send", deadline)
-            response = await connection.exchange(request, send_until, self._read_timeout, deadline)
+            response = await connection.exchange(
+                request, self._send_timeout, self._read_timeout, deadline
+            )
             if body and response.status >= 400:
                 # A gateway refuses on the head alone (401, a missing header) and may leave
                 # the body unread in its buffers, where it would pass for the next request.
