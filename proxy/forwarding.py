@@ -173,7 +173,11 @@ class Forwarder:
         check_source(merchant, request.remote)
         if not known:
             self._remember_target(request.target, url, outcome.route)
-        body = await request.read_body(self._max_body, self._body_timeout)
+        body = (
+            await request.read_body(self._max_body, self._body_timeout)
+            if request.body is not None
+            else b""  # most requests: no coroutine to read nothing
+        )
 
         # A held token needs no wait, and so no timer (a timer per request costs throughput).
         token = self._tokens.usable(merchant.vat) or await self._within_deadline(
