@@ -707,7 +707,8 @@ def _encoded(
     if (relayed is None or not relayed.dated) and "Date" not in headers:
         lines.append(_date_line(int(time.time())))
     if status >= 200 and status not in (204, 304):
-        lines.append(f"Content-Length: {memoryview(body).nbytes}\r\n")
+        size = body.nbytes if isinstance(body, memoryview) else len(body)
+        lines.append(f"Content-Length: {size}\r\n")
     if not keep_alive:
         lines.append("Connection: close\r\n")
     elif version < (1, 1):

@@ -53,6 +53,8 @@ PROXY_OWNED = frozenset(
 # them), and X-Request-Id is the proxy's, set on every answer.
 RESPONSE_STRIPPED = HOP_BY_HOP | {"content-length", "x-proxy-error", "x-request-id"}
 _RESPONSE_STRIPPED_BYTES = frozenset(name.encode("ascii") for name in RESPONSE_STRIPPED)
+# Connection values that list no other field (both are stripped anyway).
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 
 
 def connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
@@ -146,5 +148,7 @@ def _connection_listed_bytes(
     position = -1
     for _ in range(names.count(b"connection")):
         position = names.index(b"connection", position + 1)
-        listed.update([token.strip() for token in fields[position][1].lower().split(b",")])
+        value = fields[position][1].lower()
+        if value not in _PLAIN_CONNECTION:  # almost every response: nothing to split
+            listed.update([token.strip() for token in value.split(b",")])
     return listed

@@ -121,15 +121,12 @@ class ResponseParser:
         self._until_close = False
         self._keep_alive = False
         self._complete = False
+        # Complete, framed by length or chunks, and the upstream keeps the connection.
+        self.reusable = False
         self._progressed = False
         self._stalled = 0  # bytes fed since the parser last made progress
         self._error: str | None = None
         self.response: Response | None = None
-
-    @property
-    def reusable(self) -> bool:
-        """Complete, framed by length or chunks, and the upstream keeps the connection."""
-        return self._complete and self._keep_alive and not self._until_close
 
     def feed(self, data: bytes) -> bool:
         """Take more bytes; True once the response is complete."""
@@ -275,6 +272,7 @@ class ResponseParser:
             self._view.release()
             self._view = None
         self._complete = True
+        self.reusable = self._keep_alive  # framed: a close-delimited body never gets here
         self._finish()
 
 
@@ -572,7 +570,10 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         host, port = url.raw_host or "", url.port or 443
         request = b"".join((f"{method} {url.raw_path_qs} HTTP/1.1\r\n".encode(), head, body))
-        await self._acquire(loop, deadline)
+        if self._slots.locked() or loop.time() >= deadline:
+            await self._wait_for_slot(loop, deadline)
+        else:
+            await self._slots.acquire()  # free: returns at once, no timer needed
         try:
             connection = self._idle_connection(host, port)
             if connection is None:
@@ -597,13 +598,10 @@ class ConnectionPool:
                 connection.close()
         self._idle.clear()
 
-    async def _acquire(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         """A slot within the pool timeout; a request past its deadline never gets one."""
         if loop.time() >= deadline:
             raise Timeout("request_deadline")
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: returns at once, no timer needed
-            return
         until = _limit(loop, self._pool_timeout, "pool_wait", deadline)
         try:
             async with asyncio.timeout_at(until.at):
