@@ -271,7 +271,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._unfed = memoryview(data)
         self._feed()
-        if not self._in_head and self._timer is None and self._idle():
+        if not self._in_head and self._timer is None and self._task is None and not self._queue:
             # Bytes that began no request (blank lines): the connection is still idle.
             self._arm(self._config.keepalive_timeout_seconds, head=False)
 
@@ -642,7 +642,8 @@ class _Connection(asyncio.Protocol):
     # deadlines
 
     def _arm(self, seconds: float, *, head: bool) -> None:
-        self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
         self._timer_is_head = head
         self._timer = self._loop.call_later(seconds, self._overdue)
 

@@ -56,6 +56,7 @@ class _Outcome:
     """What the access log says about a request."""
 
     request_id: str
+    method: str  # the method's metric label
     route: Route = UNMATCHED
     merchant: str | None = None
     token: str | None = None
@@ -95,6 +96,7 @@ class Forwarder:
         started = time.perf_counter()
         outcome = _Outcome(
             self._request_ids.of(request.headers),
+            method_label(request.method),
             deadline=asyncio.get_running_loop().time() + self._deadline_seconds,
         )
         self._metrics.in_flight.inc()
@@ -106,7 +108,7 @@ class Forwarder:
         finally:
             self._metrics.in_flight.dec()
         elapsed = time.perf_counter() - started
-        method = method_label(request.method)
+        method = outcome.method
         route = outcome.route.template
         self._metrics.observe_request(method, route, reply.status, elapsed)
         if self._access.enabled():
@@ -261,7 +263,7 @@ class Forwarder:
                 self._metrics.upstream_retries.labels(method).inc()
             finally:
                 self._metrics.observe_upstream(
-                    method_label(method), outcome.route.template, time.perf_counter() - started
+                    outcome.method, outcome.route.template, time.perf_counter() - started
                 )
         raise AssertionError("unreachable")
 

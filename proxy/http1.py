@@ -450,7 +450,9 @@ class _Connection:
         if done:
             assert parser.response is not None
             waiter.set_result(parser.response)
-            self._wake_sender()
+            writable = self._writable_waiter  # a request still being sent stops here
+            if writable is not None and not writable.done():
+                writable.set_result(None)
 
     def _ended(self, *, clean: bool) -> None:
         self.close()
