@@ -132,3 +132,15 @@ def test_response_fields_pass_as_their_bytes_and_a_date_is_noticed() -> None:
     relayed = relayed_head(fields, [name.lower() for name, _ in fields])
     assert relayed.lines == b"date: Tue, 01 Dec 2026 10:00:00 GMT\r\nX-Note: caf\xe9 \x80\r\n"
     assert relayed.dated
+
+
+def test_every_connection_field_is_read_whatever_its_case() -> None:
+    fields = [
+        (b"Connection", b"Keep-Alive"),
+        (b"X-Kept", b"1"),
+        (b"connection", b"X-Hop"),
+        (b"X-HOP", b"2"),
+        (b"Keep-Alive", b"timeout=5"),
+    ]
+    relayed = relayed_head(fields, [name.lower() for name, _ in fields])
+    assert relayed.lines == b"X-Kept: 1\r\n"
