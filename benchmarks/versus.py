@@ -47,6 +47,10 @@ class Runs:
     rps: list[float] = field(default_factory=list)
     cpu_us: list[float] = field(default_factory=list)  # CPU time per request, µs
 
+    def add(self, result: load.WrkResult, cpu_seconds: float) -> None:
+        self.rps.append(result.rps)
+        self.cpu_us.append(cpu_seconds / max(result.requests, 1) * 1e6)
+
 
 def extract(revision: str, directory: Path) -> Path:
     """The revision's files in ``directory``; raises if git does not know the revision."""
@@ -141,9 +145,7 @@ def _alternated(
                 connections=settings.saturation_connections,
                 cpus=layout.load,
             )
-            cpu = services[label].cpu_seconds() - cpu_before
-            runs[label].rps.append(result.rps)
-            runs[label].cpu_us.append(cpu / max(result.requests, 1) * 1e6)
+            runs[label].add(result, services[label].cpu_seconds() - cpu_before)
             print(
                 f"alternated {round_number + 1}/{settings.rounds} {label:>12}: "
                 f"{result.rps:8,.0f} req/s {runs[label].cpu_us[-1]:6.1f} µs CPU/req"
@@ -182,9 +184,7 @@ def _together(
             results = {label: future.result() for label, future in running.items()}
             line = []
             for label, result in results.items():
-                cpu = services[label].cpu_seconds() - cpu_before[label]
-                runs[label].rps.append(result.rps)
-                runs[label].cpu_us.append(cpu / max(result.requests, 1) * 1e6)
+                runs[label].add(result, services[label].cpu_seconds() - cpu_before[label])
                 line.append(f"{label} {result.rps:7,.0f} req/s {runs[label].cpu_us[-1]:6.1f} µs")
             print(f"together {round_number + 1}/{settings.rounds}: " + ", ".join(line), flush=True)
     return runs
