@@ -99,14 +99,15 @@ class Forwarder:
             method_label(request.method),
             deadline=asyncio.get_running_loop().time() + self._deadline_seconds,
         )
-        self._metrics.in_flight.inc()
+        metrics = self._metrics
+        metrics.requests_in_flight += 1
         try:
             reply = await self._proxy(request, outcome)
         except ProxyError as exc:
             self._metrics.errors.labels(exc.code).inc()
             reply = error_reply(exc, outcome.request_id)
         finally:
-            self._metrics.in_flight.dec()
+            metrics.requests_in_flight -= 1
         elapsed = time.perf_counter() - started
         method = outcome.method
         route = outcome.route.template

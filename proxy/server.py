@@ -27,8 +27,9 @@ from proxy.logs import flush_soon
 
 log = logging.getLogger(__name__)
 SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
-# How often a worker publishes its tokens' expiry to the metrics its supervisor exports.
-TOKEN_EXPIRY_PUBLISH_SECONDS = 1.0
+# How often a worker publishes its requests in flight and its tokens' expiry to the metrics
+# its supervisor exports: how stale those may be.
+PUBLISH_SECONDS = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ async def serve(
             metrics_site = web.UnixSite(metrics_runner, worker.control)
         await metrics_site.start()
         if state.metrics.multiprocess:
-            publisher = asyncio.create_task(_publish_token_expiry(state))
+            publisher = asyncio.create_task(_publish_sampled(state))
         serving = Serving(
             terminals=[address_text(address) for address in edge.addresses],
             metrics=[address_text(address) for address in metrics_runner.addresses],
@@ -120,10 +121,10 @@ async def serve(
         log.info("stopping: no new connections, draining for up to %.0f s", drain)
         state.draining = True
     finally:
-        if publisher is not None:
-            publisher.cancel()
         # Stops listening at once, lets in-flight requests finish within the drain timeout.
         await edge.close(drain)
+        if publisher is not None:
+            publisher.cancel()
         await runner.cleanup()
         await metrics_runner.cleanup()
         for signum in SIGNALS:
@@ -160,10 +161,10 @@ async def _reload_on_request(
             )
 
 
-async def _publish_token_expiry(state: ProxyState) -> None:
+async def _publish_sampled(state: ProxyState) -> None:
     while True:
-        state.metrics.publish_token_expiry()
-        await asyncio.sleep(TOKEN_EXPIRY_PUBLISH_SECONDS)
+        state.metrics.publish_sampled()
+        await asyncio.sleep(PUBLISH_SECONDS)
 
 
 def address_text(address: str | tuple[Any, ...]) -> str:

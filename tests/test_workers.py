@@ -13,7 +13,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,13 +90,14 @@ class Supervised:
             return (await self.get(path))[0] == 200
         return False
 
-    async def requests_total(self) -> float:
+    async def total(self, name: str) -> float:
+        """The sum of every sample called ``name`` in the supervisor's /metrics."""
         _, text = await self.get("/metrics")
         return sum(
             sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == "mobilepay_proxy_requests_total"
+            if sample.name == name
         )
 
     async def pids(self) -> dict[int, int | None]:
@@ -165,7 +166,7 @@ async def test_two_workers_share_the_port_report_as_one_and_reload_together(
 
         await eventually(both_served, "access lines of both workers", seconds=5)
         # Counted in two processes, exported once.
-        assert await proxy.requests_total() == 100
+        assert await proxy.total("mobilepay_proxy_requests_total") == 100
         # Each worker keeps its own token cache.
         assert 1 <= token_server.count(VAT) <= 2
         expiry = f'mobilepay_proxy_token_expiry_seconds{{merchant_vat="{VAT}"}}'
@@ -240,7 +241,7 @@ async def test_a_killed_worker_is_restarted_and_no_request_fails(
 
         await eventually(replacement_serves, "the replacement takes requests")
         # The killed worker's requests still count: totals never go back.
-        assert await proxy.requests_total() == proxy.sent
+        assert await proxy.total("mobilepay_proxy_requests_total") == proxy.sent
         assert token_server.count(VAT) <= 3
         proxy.process.signal(signal.SIGTERM)
         assert await proxy.process.wait() == 0
@@ -265,6 +266,30 @@ async def test_sigterm_drains_every_worker_and_exits_0(
         assert await calls == [200] * 100
         assert await proxy.process.wait() == 0
     assert {index for index, _ in proxy.served()} == {0, 1}, "both workers had requests to drain"
+
+
+@pytest.mark.slow
+async def test_requests_in_flight_add_up_over_the_workers(
+    tmp_path: Path, ca_file: Path, pos_server: PosServer, processes: Processes
+) -> None:
+    release = asyncio.Event()
+
+    async def in_flight() -> float:
+        return await proxy.total("mobilepay_proxy_in_flight_requests")
+
+    async with supervised(tmp_path, ca_file, pos_server, processes) as proxy:
+        pos_server.handler = held_until(release)
+        calls = asyncio.create_task(proxy.calls(20))
+        await eventually(lambda: len(pos_server.requests) == 20, "20 requests in flight")
+        await eventually(lambda: _equals(in_flight(), 20), "20 in flight over both workers")
+        release.set()
+        assert await calls == [200] * 20
+        await eventually(lambda: _equals(in_flight(), 0), "none in flight once answered")
+    assert {index for index, _ in proxy.served()} == {0, 1}, "both workers had requests"
+
+
+async def _equals(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected
 
 
 @pytest.mark.slow
