@@ -57,7 +57,11 @@ class Copies:
         ca_file: Path,
         redis: RedisServer,
         lock_seconds: float = 10,
+        redis_timeout: float = 1.0,
     ) -> None:
+        """``redis_timeout``: a Redis call slower than this counts as an outage, after
+        which a copy fetches on its own. The default leaves room for a stalled machine; a
+        copy that took a pause for an outage would fetch a second token."""
         for index in range(count):
             directory = tmp_path / f"copy{index}"
             directory.mkdir()
@@ -70,7 +74,7 @@ class Copies:
                     "redis_lock_seconds": lock_seconds,
                     # The lock must outlive a fetch (timeout + 3 Redis calls + 0.5 s).
                     "timeout_seconds": lock_seconds / 2,
-                    "redis_timeout_seconds": 0.1,
+                    "redis_timeout_seconds": redis_timeout,
                 },
             )
             started = await self.starter.start_proxy(write_config(directory / "proxy.toml", data))
@@ -153,7 +157,14 @@ async def test_a_dead_lock_holder_blocks_refreshes_only_until_the_lock_expires(
     copies = Copies(processes)
     try:
         await copies.start(
-            tmp_path, 2, pos_server, token_server, ca_file, redis_server, lock_seconds=2
+            tmp_path,
+            2,
+            pos_server,
+            token_server,
+            ca_file,
+            redis_server,
+            lock_seconds=2,
+            redis_timeout=0.1,  # the lock must outlive a 1 s fetch and three Redis calls
         )
         token_server.delay = 5
         async with aiohttp.ClientSession() as session:
