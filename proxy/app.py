@@ -225,9 +225,7 @@ class _CurrentForwarder:
 
     def handle(self, request: Request) -> Awaitable[Reply]:
         # The forwarder's own coroutine, not one wrapped around it: a frame less per request.
-        forwarder = self._state.forwarder
-        assert forwarder is not None, "requests arrive only after start-up"
-        return forwarder.handle(request)
+        return self._forwarder().handle(request)
 
     def refuse(self, error: ProxyError, remote: str | None, method: str | None) -> Reply:
         return self._forwarder().refuse(error, remote, method)

@@ -271,7 +271,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._unfed = memoryview(data)
         self._feed()
-        if not self._in_head and self._timer is None and self._task is None and not self._queue:
+        if not self._in_head and self._timer is None and self._idle():
             # Bytes that began no request (blank lines): the connection is still idle.
             self._arm(self._config.keepalive_timeout_seconds, head=False)
 
@@ -371,8 +371,7 @@ class _Connection(asyncio.Protocol):
                 # Armed only for a head still incomplete after a read: most come whole.
                 due = self._head_began + self._config.header_timeout_seconds
                 self._arm(max(0.0, due - self._loop.time()), head=True)
-            if self._eof:
-                self._end_of_input()
+            self._end_of_input()
 
     def _room(self) -> int:
         """How many bytes the parser may be given now (0: wait)."""
@@ -548,8 +547,7 @@ class _Connection(asyncio.Protocol):
         try:
             while self._queue:
                 item = self._queue.popleft()
-                if self._unfed is not None:
-                    self._resume()
+                self._resume()
                 if isinstance(item, _Refusal):
                     reply = self._handler.refuse(item.error, self._remote, item.method)
                     version, keep = (1, 1), False
@@ -642,8 +640,7 @@ class _Connection(asyncio.Protocol):
     # deadlines
 
     def _arm(self, seconds: float, *, head: bool) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._disarm()
         self._timer_is_head = head
         self._timer = self._loop.call_later(seconds, self._overdue)
 

@@ -450,9 +450,7 @@ class _Connection:
         if done:
             assert parser.response is not None
             waiter.set_result(parser.response)
-            writable = self._writable_waiter  # a request still being sent stops here
-            if writable is not None and not writable.done():
-                writable.set_result(None)
+            self._wake_sender()  # a request still being sent stops here
 
     def _ended(self, *, clean: bool) -> None:
         self.close()
